@@ -32,12 +32,16 @@ META_MODEL = b"ebseg.model"
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
-# Short machine keys for ``error_kind``; producers may add more, these are the documented ones.
+# Short machine keys for ``error_kind``; producers may add more, these are the documented ones
+# (the decode kinds are those of pipeline.images.DecodeError).
 ERROR_KINDS = {
     "read": "the file could not be read from storage",
-    "decode": "the bytes are not a decodable image",
-    "too_large": "the image exceeds the configured pixel/byte limit",
-    "empty": "the file is empty",
+    "empty": "the file has 0 bytes",
+    "not_image": "the bytes are not a recognised image format",
+    "truncated": "the image data is incomplete or corrupt",
+    "too_large": "the image exceeds the configured pixel limit",
+    "unsupported": "a real image this build cannot decode (format or mode)",
+    "decode": "the image could not be decoded (other reasons)",
     "model": "the model failed on this image",
 }
 
@@ -47,6 +51,7 @@ CLASS_STRUCT = pa.struct(
         pa.field("id", pa.int32()),
         pa.field("name", pa.string()),
         pa.field("pixel_fraction", pa.float32()),
+        pa.field("pixels", pa.int64()),  # exact pixel count (pixel_fraction * width * height, unrounded)
         pa.field("mean_confidence", pa.float32()),
         # [x0, y0, x1, y1], x1/y1 exclusive (so width = x1 - x0), in original-image pixels.
         pa.field("bbox", BBOX_TYPE),
@@ -318,7 +323,7 @@ def image_id_for(uri: str) -> str:
 
 
 def class_stats(label: np.ndarray, confidence: np.ndarray | None, names: Sequence[str]) -> list[dict]:
-    """One dict per class present in ``label``: id, name, pixel_fraction, mean_confidence, bbox.
+    """One dict per class present in ``label``: id, name, pixel_fraction, pixels, mean_confidence, bbox.
 
     Sorted by class id. These summaries let queries ("images with >5% grass") run on the Parquet
     column without decoding any mask.
@@ -360,6 +365,7 @@ def class_stats(label: np.ndarray, confidence: np.ndarray | None, names: Sequenc
                 "id": int(c),
                 "name": str(names[c]),
                 "pixel_fraction": float(counts[c] / total),
+                "pixels": int(counts[c]),
                 "mean_confidence": float(conf_sum[c] / counts[c]) if confidence is not None else float("nan"),
                 "bbox": [int(x0[c]), int(y0[c]), int(x1[c]) + 1, int(y1[c]) + 1],
             }

@@ -78,6 +78,7 @@ def test_class_stats_matches_brute_force():
         ys, xs = np.nonzero(m)
         assert s["name"] == names[s["id"]]
         assert s["pixel_fraction"] == pytest.approx(m.sum() / (h * w))
+        assert s["pixels"] == m.sum()
         assert s["mean_confidence"] == pytest.approx(float(conf[m].mean()), rel=1e-6)
         assert s["bbox"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
     assert stats[2]["bbox"] == [30, 0, 37, 23]
