@@ -103,3 +103,46 @@ def test_fixed_coordinates_final_prediction(ref):
         assert torch.equal(indices[-1][b][1], o[f"fixed.indices.pred9.img{b}.target"])
     for k in ("loss_ce", "1_loss_ce", "loss_mask", "loss_dice"):
         assert abs(losses[k].item() - o[f"fixed.loss_unweighted.{k}"].item()) < 1e-5, k
+
+
+@pytest.fixture(scope="module")
+def tiny_outputs(ref):
+    """The tiny model (fixture weights) in train mode on the fixture's train batch."""
+    from ebseg_core.config import preset_config
+    from ebseg_core.model import EBSeg
+    from ebseg_core.vocabulary import Vocabulary
+
+    model = EBSeg(preset_config("ebseg-tiny"))
+    weights = load_file(FIXTURE / "weights.safetensors")
+    # criterion.empty_weight is the reference criterion's buffer; ours lives in EBSegCriterion.
+    missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("criterion.")})
+    assert not missing and not unexpected
+    model.weights_changed()
+    model.train()
+    vocab = Vocabulary.from_names(json.loads((FIXTURE / "vocab.json").read_text())["prompt_names"])
+    images = torch.stack([ref["inp"]["train.image0"], ref["inp"]["train.image1"]])
+    return model, images, vocab
+
+
+@pytest.mark.parametrize("tag", ["fixed", "rng"])
+def test_full_model_losses_match_official(ref, tiny_outputs, tag):
+    """All 41 weighted terms and the matching of all 10 predictions, with the real tiny model."""
+    model, images, vocab = tiny_outputs
+    inp, o = ref["inp"], ref["out"]
+    crit = _criterion()
+    provider = None
+    if tag == "fixed":
+        provider = FixedPointCoords(inp["train.fixed_matcher_point_coords"], inp["train.fixed_criterion_point_coords"])
+    torch.manual_seed(1234)
+    outputs = model.training_outputs(images, vocab)
+    losses, indices = crit.unweighted(outputs, _targets(inp), provider)
+    weights = crit.weight_dict(len(outputs["aux_outputs"]))
+    assert len(losses) == 41
+    for k, v in losses.items():
+        assert abs(v.item() * weights[k] - o[f"{tag}.loss_weighted.{k}"].item()) < 1e-4, k
+    total = sum(v.item() * weights[k] for k, v in losses.items())
+    assert abs(total - ref["json"][f"{tag}_run" if tag == "rng" else "fixed_coords_run"]["total_weighted_loss"]) < 1e-3
+    for p in range(10):
+        for b in range(2):
+            assert torch.equal(indices[p][b][0], o[f"{tag}.indices.pred{p}.img{b}.query"]), (p, b)
+            assert torch.equal(indices[p][b][1], o[f"{tag}.indices.pred{p}.img{b}.target"]), (p, b)
