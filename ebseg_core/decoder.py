@@ -1,0 +1,214 @@
+"""EBSeg's segmentation head: CLIP->SAM feature fusion, pixel decoder, and the Adaptively Balanced
+(AdaB) decoder.
+
+The AdaB decoder is Mask2Former's masked-attention decoder with three prediction heads per layer:
+mask logits, a mask-pooled *training-class* embedding (the image embedding that is good at seen
+classes), and an attention bias that steers the CLIP recognition head (whose embedding generalises to
+new classes). The two embeddings are balanced at inference in `model.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import EBSegConfig
+from .pixel_decoder import MSDeformAttnPixelDecoder, PositionEmbeddingSine
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel axis of [B, C, H, W] (eps 1e-6), as the official fusion layers."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class MLP(nn.Module):
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class SelfAttentionLayer(nn.Module):
+    def __init__(self, d_model: int, nhead: int):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, tgt: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+        q = k = tgt + query_pos
+        return self.norm(tgt + self.self_attn(q, k, value=tgt)[0])
+
+
+class CrossAttentionLayer(nn.Module):
+    def __init__(self, d_model: int, nhead: int):
+        super().__init__()
+        self.multihead_attn = nn.MultiheadAttention(d_model, nhead)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, tgt, memory, memory_mask, pos, query_pos) -> torch.Tensor:
+        out = self.multihead_attn(query=tgt + query_pos, key=memory + pos, value=memory, attn_mask=memory_mask)[0]
+        return self.norm(tgt + out)
+
+
+class FFNLayer(nn.Module):
+    def __init__(self, d_model: int, dim_feedforward: int):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, tgt: torch.Tensor) -> torch.Tensor:
+        return self.norm(tgt + self.linear2(F.relu(self.linear1(tgt))))
+
+
+@dataclass
+class DecoderOutputs:
+    """Per-prediction outputs (index 0 = from the learnable queries, last = final layer).
+
+    At inference only the final prediction's `mask_embeds`/`attn_biases` are computed (the others are
+    None): the official code computes all of them and keeps only the last.
+    """
+
+    pred_masks: list[torch.Tensor]  # [B, Q, H/4, W/4]
+    mask_embeds: list[torch.Tensor | None]  # [B, Q, E], scaled by clamp(logit_scale, max=10)
+    attn_biases: list[torch.Tensor | None]  # [B, clip_heads, Q, H/4, W/4]
+
+
+class AdaBDecoder(nn.Module):
+    """Masked-attention transformer decoder with EBSeg's embedding and attention-bias heads."""
+
+    def __init__(self, cfg: EBSegConfig):
+        super().__init__()
+        d = cfg.decoder
+        hidden, mask_dim = d.hidden_dim, cfg.pixel_decoder.mask_dim
+        self.num_heads = d.num_heads
+        self.num_layers = d.num_layers
+        self.num_clip_heads = cfg.clip.vision_heads
+        self.pe_layer = PositionEmbeddingSine(hidden // 2)
+        self.transformer_self_attention_layers = nn.ModuleList(
+            SelfAttentionLayer(hidden, d.num_heads) for _ in range(d.num_layers))
+        self.transformer_cross_attention_layers = nn.ModuleList(
+            CrossAttentionLayer(hidden, d.num_heads) for _ in range(d.num_layers))
+        self.transformer_ffn_layers = nn.ModuleList(FFNLayer(hidden, d.dim_feedforward) for _ in range(d.num_layers))
+        for layers in (self.transformer_self_attention_layers, self.transformer_cross_attention_layers,
+                       self.transformer_ffn_layers):
+            for p in layers.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+        self.decoder_norm = nn.LayerNorm(hidden)
+        self.query_feat = nn.Embedding(d.num_queries, hidden)
+        self.query_embed = nn.Embedding(d.num_queries, hidden)
+        self.num_feature_levels = 3
+        self.level_embed = nn.Embedding(self.num_feature_levels, hidden)
+        self.mask_embed = MLP(hidden, hidden, mask_dim, 3)
+        self.pool_proj = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden))
+        self.mask_embed1 = MLP(hidden, hidden, cfg.clip.embed_dim, 3)
+        self.logit_scale = nn.Parameter(torch.ones([]))
+        self.attn_proj = MLP(mask_dim, mask_dim, mask_dim * self.num_clip_heads, 3)
+        self.bias_scaling = nn.Linear(1, 1)
+
+    def forward(self, multi_scale: list[torch.Tensor], mask_features: torch.Tensor,
+                all_predictions: bool) -> DecoderOutputs:
+        """`all_predictions`: compute embeddings and attention biases for every layer (training,
+        parity checks); otherwise only for the final prediction (inference)."""
+        src, pos, sizes = [], [], []
+        for i, x in enumerate(multi_scale):
+            sizes.append(x.shape[-2:])
+            pos.append(self.pe_layer(x).flatten(2).permute(2, 0, 1))
+            src.append((x.flatten(2) + self.level_embed.weight[i][None, :, None]).permute(2, 0, 1))
+        bs = src[0].shape[1]
+        query_pos = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)
+        output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
+
+        b, c, h, w = mask_features.shape
+        bias_features = None
+        out = DecoderOutputs([], [], [])
+        n_pred = self.num_layers + 1
+        for i in range(n_pred):
+            final = i == n_pred - 1
+            if i > 0:
+                level = (i - 1) % self.num_feature_levels
+                # Rows masking every key attend everywhere instead (official behaviour).
+                attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
+                output = self.transformer_cross_attention_layers[i - 1](
+                    output, src[level], attn_mask, pos[level], query_pos)
+                output = self.transformer_self_attention_layers[i - 1](output, query_pos)
+                output = self.transformer_ffn_layers[i - 1](output)
+            decoder_output = self.decoder_norm(output).transpose(0, 1)
+            mask_embed = self.mask_embed(decoder_output)
+            pred_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
+            out.pred_masks.append(pred_mask)
+            if all_predictions or final:
+                if bias_features is None:
+                    bias_features = self.attn_proj(mask_features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+                    bias_features = bias_features.reshape(b, self.num_clip_heads, c, h, w)
+                out.attn_biases.append(self._attn_bias(mask_embed, bias_features))
+                out.mask_embeds.append(self._class_embedding(decoder_output, pred_mask, mask_features))
+            else:
+                out.attn_biases.append(None)
+                out.mask_embeds.append(None)
+            if not final:
+                target = sizes[i % self.num_feature_levels]
+                m = F.interpolate(pred_mask, size=target, mode="bilinear", align_corners=False)
+                attn_mask = (m.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1)
+                             .flatten(0, 1) < 0.5).detach()
+        return out
+
+    def _attn_bias(self, mask_embed: torch.Tensor, bias_features: torch.Tensor) -> torch.Tensor:
+        bias = torch.einsum("bqc,bnchw->bnqhw", mask_embed, bias_features)
+        return self.bias_scaling(bias[..., None]).squeeze(-1)
+
+    def _class_embedding(self, decoder_output, pred_mask, mask_features) -> torch.Tensor:
+        """Mask-pool the pixel features with the (hard, >0) predicted mask, add the query feature,
+        project to CLIP space, L2-normalise and scale."""
+        mask = (pred_mask.detach() > 0).to(pred_mask.dtype)
+        pooled = torch.einsum("bchw,bqhw->bqc", mask_features, mask / (mask.sum(dim=(-1, -2), keepdim=True) + 1e-8))
+        emb = self.mask_embed1(self.pool_proj(pooled) + decoder_output)
+        return torch.clamp(self.logit_scale, max=10) * F.normalize(emb, dim=-1)
+
+
+class EBSegHead(nn.Module):
+    """CLIP->SAM fusion, pixel decoder and AdaB decoder (`sem_seg_head` in official checkpoints)."""
+
+    def __init__(self, cfg: EBSegConfig):
+        super().__init__()
+        sam_c = cfg.sam.embed_dim
+        self.fusion_layers = tuple(cfg.clip.fusion_layers)
+        self.clip_fusion_layers = nn.ModuleList(
+            nn.Sequential(ChannelLayerNorm(cfg.clip.vision_width),
+                          nn.Conv2d(cfg.clip.vision_width, sam_c, kernel_size=1))
+            for _ in range(3))
+        self.pixel_decoder = MSDeformAttnPixelDecoder(cfg.pixel_decoder, sam_c)
+        self.predictor = AdaBDecoder(cfg)
+
+    def fuse(self, sam_features: dict[str, torch.Tensor], clip_layers: dict[int, torch.Tensor]) -> dict:
+        fused = dict(sam_features)
+        for i, name in enumerate(("res3", "res4", "res5")):
+            f = self.clip_fusion_layers[i](clip_layers[self.fusion_layers[i]])
+            fused[name] = fused[name] + F.interpolate(f, size=fused[name].shape[-2:], mode="bilinear",
+                                                      align_corners=False)
+        return fused
+
+    def forward(self, sam_features, clip_layers, all_predictions: bool):
+        fused = self.fuse(sam_features, clip_layers)
+        mask_features, multi_scale = self.pixel_decoder(fused)
+        return self.predictor(multi_scale, mask_features, all_predictions), fused, mask_features, multi_scale

@@ -1,0 +1,159 @@
+"""Vocabularies: the class names a user segments with, with synonyms.
+
+The first name of each class is the one formatted into the prompt templates. Synonyms decide whether a
+class counts as "seen" in training (any synonym among the COCO-Stuff-171 training synonyms), which
+selects the balancing weights at inference, exactly as the official model does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+MAX_CLASSES = 5000  # the text classifier and per-pixel scores grow with C; beyond this, split the vocabulary
+
+_PRESET_ALIASES = {
+    "coco171": "coco171", "coco-stuff-171": "coco171", "cocostuff": "coco171", "coco": "coco171",
+    "ade150": "ade150", "ade-150": "ade150", "a-150": "ade150",
+    "ade847": "ade847", "ade-847": "ade847", "a-847": "ade847",
+    "pc59": "pc59", "pc-59": "pc59", "pascal-context-59": "pc59",
+    "pc459": "pc459", "pc-459": "pc459", "pascal-context-459": "pc459",
+    "voc20": "voc20", "voc-20": "voc20", "voc": "voc20",
+}
+
+
+class VocabularyError(ValueError):
+    """A vocabulary a user gave is unusable; the message says why."""
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    synonyms: tuple[tuple[str, ...], ...]
+    seen: tuple[bool, ...] | None = None  # explicit seen/unseen flags; computed from synonyms when None
+    source: str = "custom"
+
+    def __post_init__(self):
+        if not self.synonyms:
+            raise VocabularyError("the vocabulary is empty: give at least one class name")
+        if len(self.synonyms) > MAX_CLASSES:
+            raise VocabularyError(
+                f"the vocabulary has {len(self.synonyms)} classes; at most {MAX_CLASSES} fit in memory at once "
+                "— split it into several runs")
+        for i, syns in enumerate(self.synonyms):
+            if not syns or any(not s.strip() for s in syns):
+                raise VocabularyError(f"class {i + 1} has an empty name")
+        seen_names: dict[str, int] = {}
+        for i, syns in enumerate(self.synonyms):
+            key = syns[0].strip().lower()
+            if key in seen_names:
+                raise VocabularyError(
+                    f"class name {syns[0]!r} appears twice (classes {seen_names[key] + 1} and {i + 1}); "
+                    "merge them as synonyms with ';'")
+            seen_names[key] = i
+        if self.seen is not None and len(self.seen) != len(self.synonyms):
+            raise VocabularyError("seen flags must have one entry per class")
+
+    @property
+    def names(self) -> list[str]:
+        """Prompt name of each class."""
+        return [s[0] for s in self.synonyms]
+
+    def __len__(self) -> int:
+        return len(self.synonyms)
+
+    @property
+    def id(self) -> str:
+        """Stable id of the vocabulary's content (for lineage and caches)."""
+        payload = json.dumps({"synonyms": self.synonyms, "seen": self.seen}, sort_keys=True)
+        return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, text: str) -> "Vocabulary":
+        """'cat,dog;puppy,grass': ',' separates classes, ';' separates synonyms of one class."""
+        classes = [c for c in (part.strip() for part in text.split(",")) if c]
+        if not classes:
+            raise VocabularyError(f"no class names in {text!r}; example: \"cat,dog;puppy,grass\"")
+        return cls(tuple(_split_synonyms(c, ";") for c in classes))
+
+    @classmethod
+    def from_names(cls, names: list[str] | list[list[str]]) -> "Vocabulary":
+        return cls(tuple((n,) if isinstance(n, str) else tuple(n) for n in names))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Vocabulary":
+        """One class per line, synonyms separated by ';' (ours) or the official 'id:name,syn,...' format."""
+        p = Path(path)
+        if not p.is_file():
+            raise VocabularyError(f"vocabulary file not found: {path}")
+        return cls(tuple(parse_class_lines(p.read_text(encoding="utf-8").splitlines(), str(p))), source=str(p))
+
+    @classmethod
+    def preset(cls, key: str) -> "Vocabulary":
+        """A benchmark's classes: coco171, ade150, ade847, pc59, pc459, voc20."""
+        canonical = _PRESET_ALIASES.get(key.lower())
+        if canonical is None:
+            raise VocabularyError(f"unknown vocabulary preset {key!r}; choose one of "
+                                  f"{sorted(set(_PRESET_ALIASES.values()))}")
+        from .data.benchmarks import load_class_names
+
+        return cls(tuple(tuple(s) for s in load_class_names(canonical)), source=f"preset:{canonical}")
+
+    @classmethod
+    def from_spec(cls, spec: str) -> "Vocabulary":
+        """CLI helper: 'preset:ade150', 'file:path', a path to an existing file, or an inline list."""
+        if spec.startswith("preset:"):
+            return cls.preset(spec[len("preset:"):])
+        if spec.startswith("file:"):
+            return cls.from_file(spec[len("file:"):])
+        if Path(spec).is_file():
+            return cls.from_file(spec)
+        return cls.parse(spec)
+
+    # -- serialisation ---------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps({"synonyms": self.synonyms, "seen": self.seen, "source": self.source})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Vocabulary":
+        d = json.loads(text)
+        seen = tuple(d["seen"]) if d.get("seen") is not None else None
+        return cls(tuple(tuple(s) for s in d["synonyms"]), seen=seen, source=d.get("source", "custom"))
+
+    # -- seen / unseen ---------------------------------------------------------------------------
+    def seen_flags(self, train_synonyms: list[list[str]] | None = None) -> list[bool]:
+        """Whether each class overlaps the training classes (any shared synonym, exact string match)."""
+        if self.seen is not None:
+            return list(self.seen)
+        if train_synonyms is None:
+            train_synonyms = [list(s) for s in Vocabulary.preset("coco171").synonyms]
+        train = {s for syns in train_synonyms for s in syns}
+        return [not train.isdisjoint(syns) for syns in self.synonyms]
+
+    def with_seen(self, seen: list[bool]) -> "Vocabulary":
+        return Vocabulary(self.synonyms, tuple(bool(s) for s in seen), self.source)
+
+
+def _split_synonyms(text: str, sep: str) -> tuple[str, ...]:
+    return tuple(s for s in (x.strip() for x in text.split(sep)) if s)
+
+
+_OFFICIAL_LINE = re.compile(r"^\s*\d+\s*:(.*)$")
+
+
+def parse_class_lines(lines: list[str], where: str = "class list") -> list[tuple[str, ...]]:
+    classes = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        m = _OFFICIAL_LINE.match(line)
+        syns = _split_synonyms(m.group(1), ",") if m else _split_synonyms(line, ";")
+        if not syns:
+            raise VocabularyError(f"{where}:{n}: empty class name")
+        classes.append(syns)
+    if not classes:
+        raise VocabularyError(f"{where}: no class names found")
+    return classes
