@@ -15,7 +15,6 @@ import datetime as _dt
 import hashlib
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -209,22 +208,10 @@ def read_metadata(url: str) -> LabelMetadata:
 
 
 def pyarrow_fs(url: str):
-    """(pyarrow filesystem, path) for a local path or s3:// URL, via pipeline.storage when present."""
-    try:
-        from pipeline.storage import pyarrow_filesystem_for
-    except ImportError:  # storage module not available: plain pyarrow/s3fs resolution
-        pyarrow_filesystem_for = None
-    if pyarrow_filesystem_for is not None:
-        return pyarrow_filesystem_for(url)
-    import pyarrow.fs as pafs
+    """(pyarrow filesystem, path) for a local path or s3:// URL (see pipeline.storage)."""
+    from pipeline.storage import pyarrow_filesystem_for
 
-    if "://" in url and not url.startswith("file://"):
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(url)
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
-    path = url[len("file://"):] if url.startswith("file://") else url
-    return pafs.LocalFileSystem(), os.path.abspath(path)
+    return pyarrow_filesystem_for(url)
 
 
 def list_parquet_files(url: str):
