@@ -8,7 +8,9 @@ written from the public dataset definitions:
   (the contiguous ids 0..170 of the prepared ``stuffthingmaps_detectron2`` labels).
 * ``ade150``: ADE20K SceneParsing ``objectInfo150`` names with their WordNet synonyms.
 * ``ade847``: ADE20K-full, the 847 classes of the MaskFormer/SAN definition (ADE20K index names), in
-  train-id order.
+  train-id order. Ten of its WordNet names share their first word with another class ('screen' for a
+  CRT screen and a projection screen); for those the later class is prompted by its next synonym and
+  keeps the shared word as a synonym, so that prompt names stay unique.
 * ``pc59`` / ``pc459``: PASCAL Context, 59 classes and the full 459 (its ``labels.txt`` without background).
 * ``voc20``: PASCAL VOC 2012, the 20 object classes (background is ignored).
 
