@@ -1,0 +1,199 @@
+"""The EBSeg model: parity with the official implementation, key manifests, batching, weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ebseg_core import (CheckpointError, EBSeg, Vocabulary, build_model, load_open_clip_weights,
+                        load_sam_weights, preset_config)
+from ebseg_core import parity
+from tests.corpus import blob_image
+
+REFERENCE = Path(os.environ.get("EBSEG_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+FIXTURE = REFERENCE / "parity_tiny_b"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"reference data missing at {path}; set EBSEG_REFERENCE_DIR to the shared/reference folder")
+    return path
+
+
+def test_parity_with_official_fixture(capsys):
+    report = parity.run(_require(FIXTURE), atol=1e-4, rtol=1e-4)
+    report.print()
+    out = capsys.readouterr().out
+    assert report.passed, out
+    names = [n for n, _, _ in report.rows]
+    # Every eval stage, both batch-of-one runs and all weighted training losses were compared.
+    assert sum(n.startswith(("clip.", "sam.", "pixdec.", "dec.", "rec.", "final.", "logits.", "ov.")) for n in names) >= 100
+    assert sum(n.startswith("bs1.") for n in names) == 6
+    assert sum(n.startswith("fixed.loss_weighted.") for n in names) == 41
+
+
+def test_parity_cli_rejects_non_fixture(tmp_path, capsys):
+    assert parity.main([str(tmp_path)]) == 2
+    assert "not a parity fixture" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset,manifest", [("ebseg-b", "ebseg_b_state_dict.json"), ("ebseg-l", "ebseg_l_state_dict.json")])
+def test_state_dict_matches_official_manifest(preset, manifest):
+    ref = json.loads(_require(REFERENCE / manifest).read_text())
+    with torch.device("meta"):
+        model = EBSeg(preset_config(preset))
+    ours = model.state_dict()
+    ignored = {"criterion.empty_weight"}  # constant buffer, recomputed by the criterion
+    ref_entries = {e["key"]: e for e in ref["state_dict"] if e["key"] not in ignored}
+    assert set(ours) == set(ref_entries)
+    for key, e in ref_entries.items():
+        assert list(ours[key].shape) == e["shape"], key
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for key, e in ref_entries.items():
+        if e["kind"] == "param":
+            assert params[key].requires_grad == e["requires_grad"], key
+    trainable = sum(p.numel() for p in model.trainable_parameters())
+    assert trainable == ref["totals"]["trainable_param_count_unique"]
+
+
+def _tiny(**overrides) -> EBSeg:
+    cfg = dataclasses.replace(preset_config("ebseg-tiny"), test_min_size=96, test_max_size=160, **overrides)
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def test_segment_batched_equals_one_at_a_time():
+    model = _tiny()
+    vocab = Vocabulary.parse("sky,tree;trees,grass,road")
+    images = [blob_image(h, w, seed=i, num_classes=4)[0] for i, (h, w) in
+              enumerate([(120, 150), (118, 148), (96, 200), (130, 130)])]
+    batched = model.segment(images, vocab.with_seen([True, True, False, False]), batch_size=4)
+    single = [model.segment([img], vocab.with_seen([True, True, False, False]), batch_size=1)[0] for img in images]
+    for img, a, b in zip(images, batched, single):
+        assert a.label_map.shape == img.shape[:2]
+        assert torch.equal(a.label_map, b.label_map)
+        torch.testing.assert_close(a.confidence, b.confidence, atol=1e-5, rtol=1e-5)
+        assert float(a.confidence.min()) >= 0 and float(a.confidence.max()) <= 1
+
+
+def test_segment_scores_and_validation():
+    model = _tiny()
+    vocab = Vocabulary.parse("a,b,c").with_seen([True, False, True])
+    img = blob_image(100, 120, seed=3, num_classes=3)[0]
+    res = model.segment([img], vocab, return_scores=True)[0]
+    assert res.scores.shape == (3, 100, 120)
+    assert torch.equal(res.scores.argmax(0), res.label_map)
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        model.segment([img.astype(np.float32)], vocab)
+
+
+def test_text_embeddings_cached_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("EBSEG_CACHE_DIR", str(tmp_path))
+    model = _tiny()
+    vocab = Vocabulary.parse("cat,dog")
+    first = model.class_text_embeddings(vocab)
+    files = list((tmp_path / "text_embeddings").glob("*.pt"))
+    assert len(files) == 1
+    fresh = _tiny()
+    calls = []
+    monkeypatch.setattr(fresh.ov_classifier, "class_embeddings", lambda t: calls.append(t))
+    torch.testing.assert_close(fresh.class_text_embeddings(vocab), first)
+    assert calls == []  # served from disk, no text encoding
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    model = _tiny()
+    path = tmp_path / "ebseg_tiny.pth"
+    state = {"module." + k: v for k, v in model.state_dict().items()}
+    state["criterion.empty_weight"] = torch.ones(13)
+    torch.save({"model": state, "iteration": 7}, path)
+    loaded = build_model(model.config, checkpoint=str(path))
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+    broken = dict(model.state_dict())
+    broken.pop("sem_seg_head.predictor.query_feat.weight")
+    broken["sem_seg_head.predictor.logit_scale"] = torch.ones(3)
+    torch.save({"model": broken}, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError) as err:
+        build_model(model.config, checkpoint=str(tmp_path / "broken.pth"))
+    assert "sem_seg_head.predictor.query_feat.weight" in str(err.value)
+    assert "sem_seg_head.predictor.logit_scale" in str(err.value)
+
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a loadable"):
+        build_model(model.config, checkpoint=str(tmp_path / "junk.pth"))
+    with pytest.raises(FileNotFoundError):
+        build_model(model.config, checkpoint=str(tmp_path / "absent.pth"))
+
+
+def test_checkpoint_from_object_storage(s3, tmp_path, monkeypatch):
+    monkeypatch.setenv("EBSEG_CACHE_DIR", str(tmp_path / "cache"))
+    model = _tiny()
+    local = tmp_path / "w.pth"
+    torch.save({"model": model.state_dict()}, local)
+    s3.fs.put(str(local), f"{s3.bucket}/ckpt/w.pth")
+    loaded = build_model(model.config, checkpoint=s3.url("ckpt/w.pth"))
+    assert torch.equal(loaded.state_dict()["sem_seg_head.predictor.query_feat.weight"],
+                       model.state_dict()["sem_seg_head.predictor.query_feat.weight"])
+
+
+def test_open_clip_weights_map_onto_both_towers():
+    import open_clip
+
+    cfg = preset_config("ebseg-tiny")
+    c = cfg.clip
+    torch.manual_seed(1)
+    clip = open_clip.CLIP(
+        embed_dim=c.embed_dim, quick_gelu=True,
+        vision_cfg=dict(image_size=c.image_size, layers=c.vision_layers, width=c.vision_width,
+                        head_width=c.vision_width // c.vision_heads, patch_size=c.patch_size),
+        text_cfg=dict(context_length=c.context_length, vocab_size=c.vocab_size, width=c.text_width,
+                      heads=c.text_heads, layers=c.text_layers)).eval()
+    model = EBSeg(cfg)
+    load_open_clip_weights(model, state=clip.state_dict())
+    tokens = open_clip.tokenizer.tokenize(["a photo of a cat.", "a photo of a dog."])
+    with torch.no_grad():
+        torch.testing.assert_close(model.ov_classifier.encode_text(tokens),
+                                   clip.encode_text(tokens, normalize=True), atol=1e-5, rtol=1e-5)
+        x = torch.randn(1, 3, c.image_size, c.image_size)
+        out = model.clip_visual_extractor(x, inference=False)
+        tokens_v = out["tokens"]
+        for block in model.clip_rec_head.resblocks:
+            tokens_v = block.forward_plain(tokens_v)
+        ours = model.clip_rec_head.ln_post(tokens_v[0]) @ model.clip_rec_head.proj
+        torch.testing.assert_close(ours, clip.encode_image(x), atol=1e-5, rtol=1e-5)
+
+
+def test_sam_checkpoint_maps_onto_backbone(tmp_path):
+    from functools import partial
+
+    from segment_anything.modeling import ImageEncoderViT
+
+    cfg = dataclasses.replace(preset_config("ebseg-tiny"), sam=dataclasses.replace(preset_config("ebseg-tiny").sam, img_size=256))
+    s = cfg.sam
+    torch.manual_seed(2)
+    enc = ImageEncoderViT(img_size=256, patch_size=16, embed_dim=s.embed_dim, depth=s.depth, num_heads=s.num_heads,
+                          norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
+                          global_attn_indexes=s.global_attn_indexes, window_size=s.window_size, out_chans=16).eval()
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    torch.save({f"image_encoder.{k}": v for k, v in enc.state_dict().items()}, tmp_path / "sam.pth")
+    model = EBSeg(cfg)
+    load_sam_weights(model, str(tmp_path / "sam.pth"))
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        ref = enc.patch_embed(x) + enc.pos_embed
+        for blk in enc.blocks[: s.global_attn_indexes[2] + 1]:
+            ref = blk(ref)
+        torch.testing.assert_close(model.backbone(x)["res4"], ref.permute(0, 3, 1, 2))
+    with pytest.raises(CheckpointError):
+        torch.save({"image_encoder.pos_embed": torch.zeros(1)}, tmp_path / "bad.pth")
+        load_sam_weights(model, str(tmp_path / "bad.pth"))

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import pytest
+
+from ebseg_core import Vocabulary, VocabularyError
+from ebseg_core.vocabulary import MAX_CLASSES
+
+
+def test_parse_classes_and_synonyms():
+    v = Vocabulary.parse(" cat , dog; puppy ,grass")
+    assert v.names == ["cat", "dog", "grass"]
+    assert v.synonyms[1] == ("dog", "puppy")
+    assert len(v) == 3
+
+
+def test_id_is_stable_and_content_based():
+    a, b = Vocabulary.parse("cat,dog;puppy"), Vocabulary.parse("cat, dog ; puppy")
+    assert a.id == b.id and len(a.id) == 16
+    assert a.id != Vocabulary.parse("cat,dog").id
+    assert Vocabulary.from_json(a.to_json()) == a
+
+
+@pytest.mark.parametrize("text,match", [("", "no class names"), (" , ", "no class names"),
+                                        ("cat,Cat", "appears twice"), ("cat,dog,cat;kitty", "appears twice")])
+def test_bad_vocabularies_have_clear_errors(text, match):
+    with pytest.raises(VocabularyError, match=match):
+        Vocabulary.parse(text)
+
+
+def test_too_large_vocabulary_is_refused():
+    with pytest.raises(VocabularyError, match="at most"):
+        Vocabulary.from_names([f"class {i}" for i in range(MAX_CLASSES + 1)])
+
+
+def test_files_in_our_and_the_official_format(tmp_path):
+    ours = tmp_path / "ours.txt"
+    ours.write_text("# my classes\nwall; walls\n\nsky\n")
+    assert Vocabulary.from_file(ours).synonyms == (("wall", "walls"), ("sky",))
+    official = tmp_path / "official.txt"
+    official.write_text("1:person,child,girl\n2:bicycle,bicycles\n")
+    assert Vocabulary.from_file(official).synonyms == (("person", "child", "girl"), ("bicycle", "bicycles"))
+    with pytest.raises(VocabularyError, match="not found"):
+        Vocabulary.from_file(tmp_path / "missing.txt")
+    assert Vocabulary.from_spec(str(ours)).names == ["wall", "sky"]
+
+
+def test_seen_flags_from_any_shared_synonym():
+    train = [["person", "man"], ["bathtub", "tub"], ["sky"]]
+    v = Vocabulary.parse("woman;man,tub,armchair")
+    assert v.seen_flags(train) == [True, True, False]
+    assert v.with_seen([False, False, True]).seen_flags(train) == [False, False, True]
+
+
+def test_unknown_preset_names_choices():
+    with pytest.raises(VocabularyError, match="ade150"):
+        Vocabulary.preset("imagenet")
