@@ -645,8 +645,12 @@ def export_masks(
 
 
 def overlay_for_row(ds: LabelDataset, row: dict, lf: LabelFilter | None = None, alpha: float = 0.5,
-                    max_side: int | None = None):
-    """Overlay (PIL image with legend) of one labelled row over its source image."""
+                    max_side: int | None = None, min_side: int | None = None):
+    """Overlay (PIL image with legend) of one labelled row over its source image.
+
+    ``max_side``/``min_side`` bound the longest side of the image part (thumbnails; tiny images are
+    enlarged so the legend does not dwarf them).
+    """
     from PIL import Image
 
     from pipeline.images import decode_image
@@ -657,19 +661,23 @@ def overlay_for_row(ds: LabelDataset, row: dict, lf: LabelFilter | None = None, 
     if rgb.shape[:2] != label.shape:
         raise ValueError(f"image is {rgb.shape[1]}x{rgb.shape[0]} but was labelled at "
                          f"{label.shape[1]}x{label.shape[0]} (changed since labelling?)")
-    names = ds.names
     ignore = None
-    if lf is not None:
-        label = lf.apply(label, conf)
-        ignore = lf.ignore_index
-        if lf.remap:
-            names = [ds.names[i] for i in lf.keep_ids]
-    if max_side and max(label.shape) > max_side:
-        s = max_side / max(label.shape)
+    if lf is not None:  # original ids, so a class keeps its colour whatever the filter
+        keep = LabelFilter(lf.keep_ids, lf.min_confidence, remap=False, num_classes=lf.num_classes)
+        label = keep.apply(label, conf)
+        ignore = keep.ignore_index
+    longest = max(label.shape)
+    scale = None
+    if max_side and longest > max_side:
+        scale = max_side / longest
+    elif min_side and longest < min_side:
+        scale = min_side / longest
+    if scale is not None:
+        s = scale
         size = (max(1, round(label.shape[1] * s)), max(1, round(label.shape[0] * s)))
         rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
         label = np.asarray(Image.fromarray(label.astype(np.int32)).resize(size, Image.NEAREST)).astype(np.int64)
-    return overlay(rgb, label, names, alpha=alpha, ignore_index=ignore)
+    return overlay(rgb, label, ds.names, alpha=alpha, ignore_index=ignore)
 
 
 def export_overlays(ds: LabelDataset, selection: pa.Table, out: str, lf: LabelFilter | None = None,
