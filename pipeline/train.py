@@ -1,0 +1,671 @@
+"""EBSeg training on Ray Train: DDP workers, the official solver, checkpoints in object storage, resume.
+
+One call, :func:`train`, runs the whole job from the driver:
+
+* the driver lists the dataset once (local path or any fsspec URL) and checks it (structure, class
+  names, the first samples), so data mistakes surface as one clear message before any worker starts;
+* each Ray Train worker builds the model, wraps its trainable part in DDP (gloo on CPU, nccl on GPU),
+  and reads its shard of an epoch-shuffled sample stream straight from storage (no local copy; the
+  stream is a pure function of the iteration, so a resumed run reads exactly what an uninterrupted
+  one would);
+* solver = the official recipe: AdamW, poly LR (power 0.9, optional linear warmup), full-model
+  gradient-norm clipping, AMP (fp16 + GradScaler) on GPU, per-parameter weight decay groups;
+* every ``checkpoint_period`` iterations rank 0 writes a checkpoint (trainable weights, optimizer,
+  scheduler, grad scaler, iteration, every rank's RNG state, the config) through ``ray.train.report``
+  to ``storage_path`` (local or s3://...); a restarted run (FailureConfig, or the same ``name`` run
+  again) resumes from the latest one;
+* every ``val_period`` iterations all workers evaluate a shard of the validation set and the
+  confusion matrices are summed: mIoU is reported as a metric.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ebseg_core.criterion import CriterionConfig
+from ebseg_core.train_data import AugmentConfig, DatasetError, DatasetSpec, list_dataset, read_sample
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "train_state.pt"
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    preset: str = "ebseg-b"  # ebseg-b | ebseg-l | ebseg-tiny
+    checkpoint: str | None = None  # EBSeg weights to start from (fine-tuning); None = fresh model
+    clip_pretrained: str | None = None  # open_clip pretrained tag or file for both CLIP towers ("openai")
+    sam_checkpoint: str | None = None  # official SAM checkpoint (path or URL) for the SAM backbone
+    text_cache_dir: str | None = None
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # dataset root (local path or URL)
+    layout: str = "generic"  # generic | coco171
+    split: str = "train2017"  # coco171: the split folder
+    val: str | None = None  # validation dataset root (same layout); None = no validation
+    val_split: str = "val2017"
+    val_max_images: int = 0  # 0 = all
+    vocabulary: str | None = None  # None: class_names.txt (generic) / preset coco171; else a Vocabulary spec
+    skip_bad: bool = False  # skip unreadable / invalid samples (counted) instead of failing
+    loader_workers: int = 0  # DataLoader worker processes per training worker
+    preflight_samples: int = 4  # samples the driver decodes and checks before starting
+
+
+@dataclass
+class SolverConfig:
+    ims_per_batch: int = 16  # global batch size (split evenly over workers)
+    base_lr: float = 1e-4
+    weight_decay: float = 0.05
+    weight_decay_norm: float = 0.0
+    weight_decay_embed: float = 0.0
+    weight_decay_embed_names: tuple[str, ...] = (
+        "absolute_pos_embed",
+        "positional_embedding",
+        "pos_embed",
+        "query_embed",
+        "relative_position_bias_table",
+    )
+    backbone_multiplier: float = 1.0  # the official code scales every group's lr by this (see docs)
+    clip_multiplier: float = 1.0  # lr factor for parameters under a module whose name contains "clip"
+    max_iter: int = 120000
+    poly_power: float = 0.9
+    warmup_iters: int = 0
+    warmup_factor: float = 1.0
+    clip_grad_norm: float = 0.01  # full-model L2 norm clipping; <= 0 disables
+    amp: bool = True  # used on GPU only
+
+
+@dataclass
+class RunConfig:
+    name: str = "ebseg-train"
+    storage_path: str = "./runs"  # local dir or s3://bucket/prefix
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"  # SPREAD to put workers on different nodes
+    checkpoint_period: int = 5000
+    num_to_keep: int = 2
+    val_period: int = 10000
+    log_period: int = 20
+    max_failures: int = 0
+    seed: int = 0
+    fail_at_iteration: int = -1  # testing: raise once after this iteration (before its checkpoint is used)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    criterion: CriterionConfig = field(default_factory=CriterionConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A training config a user wrote is wrong; the message says which key and why."""
+
+
+def _from_dict(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key {where + key!r}; known: {', '.join(sorted(fields))}")
+        f = fields[key]
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            kwargs[key] = _from_dict(f.default_factory, value, f"{where}{key}.")
+        elif isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid {where.rstrip('.') or 'config'}: {e}") from None
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    """Build a TrainConfig from nested dicts (a parsed YAML file), rejecting unknown keys."""
+    return _from_dict(TrainConfig, data or {}, "")
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a nested config dict."""
+    import yaml
+
+    data = copy.deepcopy(data or {})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value (e.g. solver.max_iter=1000), got {item!r}")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML training config (``_base_: other.yaml`` merges a base file first) plus overrides."""
+    import yaml
+
+    def read(p: str) -> dict:
+        if not os.path.isfile(p):
+            raise ConfigError(f"config file not found: {p}")
+        with open(p, encoding="utf-8") as f:
+            try:
+                d = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{p} is not valid YAML: {e}") from None
+        base = d.pop("_base_", None)
+        if base:
+            merged = read(os.path.join(os.path.dirname(p), base))
+            _deep_update(merged, d)
+            return merged
+        return d
+
+    data = read(path) if path else {}
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def _deep_update(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+
+
+# --------------------------------------------------------------------------------------------------
+# Solver pieces (pure PyTorch, usable without Ray)
+# --------------------------------------------------------------------------------------------------
+_NORM_TYPES = (
+    torch.nn.BatchNorm1d,
+    torch.nn.BatchNorm2d,
+    torch.nn.BatchNorm3d,
+    torch.nn.SyncBatchNorm,
+    torch.nn.GroupNorm,
+    torch.nn.InstanceNorm1d,
+    torch.nn.InstanceNorm2d,
+    torch.nn.InstanceNorm3d,
+    torch.nn.LayerNorm,
+    torch.nn.LocalResponseNorm,
+)
+
+
+def param_groups(model: torch.nn.Module, solver: SolverConfig) -> list[dict]:
+    """One group per trainable parameter with the official lr / weight-decay rules.
+
+    Norm layers and embedding-like parameters get their own decay; parameters of modules named
+    "*clip*" get ``clip_multiplier``; the official code applies ``backbone_multiplier`` to every
+    parameter (its condition is always true), kept here so the released recipes reproduce.
+    """
+    groups, seen = [], set()
+    for module_name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            lr = solver.base_lr * solver.backbone_multiplier
+            wd = solver.weight_decay
+            if "clip" in module_name:
+                lr *= solver.clip_multiplier
+            if any(x in pname for x in solver.weight_decay_embed_names):
+                wd = solver.weight_decay_embed
+            if isinstance(module, _NORM_TYPES):
+                wd = solver.weight_decay_norm
+            if isinstance(module, torch.nn.Embedding):
+                wd = solver.weight_decay_embed
+            groups.append({"params": [p], "lr": lr, "weight_decay": wd, "name": f"{module_name}.{pname}".lstrip(".")})
+    return groups
+
+
+def build_optimizer(model: torch.nn.Module, solver: SolverConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, solver)
+    if not groups:
+        raise ConfigError("the model has no trainable parameters")
+    return torch.optim.AdamW(groups, lr=solver.base_lr)
+
+
+def poly_lr_factor(iteration: int, solver: SolverConfig) -> float:
+    """Warmup (linear) x poly decay (1 - it/max_iter)^power, the official WarmupPolyLR."""
+    warm = 1.0
+    if iteration < solver.warmup_iters:
+        alpha = iteration / solver.warmup_iters
+        warm = solver.warmup_factor * (1 - alpha) + alpha
+    return warm * math.pow(max(0.0, 1.0 - iteration / solver.max_iter), solver.poly_power)
+
+
+class PolyLR(torch.optim.lr_scheduler.LambdaLR):
+    def __init__(self, optimizer: torch.optim.Optimizer, solver: SolverConfig):
+        self._solver = solver
+        super().__init__(optimizer, lambda it: poly_lr_factor(it, solver))
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd.pop("_solver", None)
+        return sd
+
+
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore: int = 255) -> np.ndarray:
+    """[C, C] counts of (gt, pred) pixels, ignoring ``ignore`` in the ground truth."""
+    valid = gt != ignore
+    idx = gt[valid].astype(np.int64) * num_classes + pred[valid].astype(np.int64)
+    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def miou_from_confusion(conf: np.ndarray) -> float:
+    """Mean IoU as detectron2's SemSegEvaluator: sum over classes present in gt / classes present anywhere."""
+    tp = np.diag(conf).astype(np.float64)
+    pos_gt = conf.sum(1).astype(np.float64)
+    pos_pred = conf.sum(0).astype(np.float64)
+    union = pos_gt + pos_pred - tp
+    iou = np.divide(tp, union, out=np.zeros_like(tp), where=union > 0)
+    valid_union = (pos_gt + pos_pred) > 0
+    if valid_union.sum() == 0:
+        return float("nan")
+    return float(iou[pos_gt > 0].sum() / valid_union.sum())
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver side
+# --------------------------------------------------------------------------------------------------
+def _vocabulary(cfg: TrainConfig, class_names: list[list[str]] | None):
+    from ebseg_core.vocabulary import Vocabulary
+
+    if cfg.data.vocabulary:
+        vocab = Vocabulary.from_spec(cfg.data.vocabulary)
+    elif class_names is not None:
+        vocab = Vocabulary.from_names(class_names)
+    elif cfg.data.layout == "coco171":
+        vocab = Vocabulary.preset("coco171")
+    else:
+        raise ConfigError("no vocabulary: set data.vocabulary")
+    if class_names is not None and len(class_names) != len(vocab):
+        raise DatasetError(
+            f"class_names.txt of {cfg.data.train} lists {len(class_names)} classes but the vocabulary "
+            f"{cfg.data.vocabulary!r} has {len(vocab)}"
+        )
+    return vocab
+
+
+def prepare(cfg: TrainConfig) -> dict:
+    """Driver-side checks and listings; returns what every worker needs (JSON-serialisable)."""
+    if not cfg.data.train:
+        raise ConfigError("data.train is not set: give the training dataset root (local path or s3://...)")
+    if cfg.solver.ims_per_batch % cfg.run.num_workers:
+        raise ConfigError(
+            f"solver.ims_per_batch={cfg.solver.ims_per_batch} is not divisible by run.num_workers={cfg.run.num_workers}"
+        )
+    spec = DatasetSpec(cfg.data.train, cfg.data.layout, cfg.data.split, cfg.data.skip_bad)
+    samples, class_names = list_dataset(spec)
+    vocab = _vocabulary(cfg, class_names)
+    for s in samples[: cfg.data.preflight_samples]:
+        read_sample(s, len(vocab))
+    val = []
+    if cfg.data.val:
+        vspec = DatasetSpec(cfg.data.val, cfg.data.layout, cfg.data.val_split, cfg.data.skip_bad)
+        val, val_names = list_dataset(vspec)
+        if val_names is not None and [n[0] for n in val_names] != vocab.names:
+            raise DatasetError(f"class_names.txt of {cfg.data.val} differs from the training classes")
+        if cfg.data.val_max_images:
+            val = val[: cfg.data.val_max_images]
+    if len(samples) < cfg.run.num_workers:
+        raise DatasetError(f"{len(samples)} training samples for {cfg.run.num_workers} workers")
+    return {
+        "config": cfg.to_dict(),
+        "samples": [(s.image, s.label) for s in samples],
+        "val_samples": [(s.image, s.label) for s in val],
+        "vocabulary": vocab.to_json(),
+    }
+
+
+def _storage(cfg: TrainConfig):
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig."""
+    path = cfg.run.storage_path
+    if "://" not in path:
+        os.makedirs(path, exist_ok=True)
+        return os.path.abspath(path), None
+    import pyarrow.fs as pafs
+
+    from pipeline.storage import filesystem_for
+
+    fs, p = filesystem_for(path)
+    return p.rstrip("/"), pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def train(cfg: TrainConfig, address: str | None = None) -> dict:
+    """Run (or resume) a training job on a Ray cluster; returns the last reported metrics."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    payload = prepare(cfg)
+    if not ray.is_initialized():
+        env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k in ("EBSEG_CACHE_DIR",)}
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+    storage_path, storage_fs = _storage(cfg)
+    run = cfg.run
+    trainer = TorchTrainer(
+        train_loop_per_worker=train_loop_per_worker,
+        train_loop_config=payload,
+        torch_config=TorchConfig(backend="nccl" if run.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=run.num_workers,
+            use_gpu=run.use_gpu,
+            resources_per_worker={"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {})},
+            placement_strategy=run.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=run.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.num_to_keep),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    out = dict(result.metrics or {})
+    if result.checkpoint is not None:
+        out["checkpoint_path"] = result.checkpoint.path
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker side
+# --------------------------------------------------------------------------------------------------
+class _LossModule(torch.nn.Module):
+    """model + criterion in one forward, so DDP sees the whole graph."""
+
+    def __init__(self, model: torch.nn.Module, criterion: torch.nn.Module, vocab):
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+        self.vocab = vocab
+
+    def forward(self, images: torch.Tensor, targets: list[dict]) -> dict:
+        return self.criterion(self.model.training_outputs(images, self.vocab), targets)
+
+
+def build_training_model(mcfg: ModelConfig) -> torch.nn.Module:
+    """The preset's model: from an EBSeg checkpoint (fine-tuning), or CLIP/SAM pretrained towers + a fresh head."""
+    from ebseg_core import build_model, load_open_clip_weights, load_sam_weights
+
+    model = build_model(mcfg.preset, checkpoint=mcfg.checkpoint)
+    if not mcfg.checkpoint:
+        if mcfg.clip_pretrained:
+            load_open_clip_weights(model, pretrained=mcfg.clip_pretrained)
+        if mcfg.sam_checkpoint:
+            load_sam_weights(model, mcfg.sam_checkpoint)
+    return model
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def optimizer_digest(optimizer: torch.optim.Optimizer) -> str:
+    """Hash of the optimizer state (tests compare it across a resume)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    sd = optimizer.state_dict()
+    for k in sorted(sd["state"]):
+        for name, t in sorted(sd["state"][k].items()):
+            h.update(f"{k}.{name}".encode())
+            h.update(torch.as_tensor(t).detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train_loop_per_worker(payload: dict) -> None:
+    """The per-worker loop (runs inside Ray Train)."""
+    import ray
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    from ebseg_core.criterion import EBSegCriterion
+    from ebseg_core.train_data import EvalSampleDataset, Sample, TrainSampleDataset, collate_train
+    from ebseg_core.vocabulary import Vocabulary
+
+    cfg = config_from_dict(payload["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch.device(f"cuda:{ctx.get_local_rank()}" if cfg.run.use_gpu else "cpu")
+    if cfg.run.use_gpu:
+        torch.cuda.set_device(device)
+    if cfg.model.text_cache_dir:
+        os.environ["EBSEG_CACHE_DIR"] = cfg.model.text_cache_dir
+    vocab = Vocabulary.from_json(payload["vocabulary"])
+    torch.manual_seed(cfg.run.seed + rank)
+
+    model = build_training_model(cfg.model).to(device)
+    model.train()
+    criterion = EBSegCriterion(len(vocab), cfg.criterion).to(device)
+    module = _LossModule(model, criterion, vocab)
+    optimizer = build_optimizer(model, cfg.solver)
+    scheduler = PolyLR(optimizer, cfg.solver)
+    use_amp = cfg.solver.amp and cfg.run.use_gpu
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start_iter, resumed_from, resume_digest, history = 0, None, "", []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+        missing = model.load_state_dict(state["model"], strict=False)
+        if missing.unexpected_keys:
+            raise RuntimeError(f"checkpoint has unexpected keys: {missing.unexpected_keys[:5]}")
+        model.weights_changed() if hasattr(model, "weights_changed") else None
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_iter = resumed_from = int(state["iteration"])
+        history = list(state.get("loss_history", []))
+        resume_digest = optimizer_digest(optimizer)
+        rng = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
+        _set_rng_state(rng)
+        if rank == 0:
+            print(f"[train] resumed from iteration {start_iter} (optimizer {optimizer_digest(optimizer)})", flush=True)
+
+    ddp = module
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if cfg.run.use_gpu else None, find_unused_parameters=False
+        )
+
+    samples = [Sample(*s) for s in payload["samples"]]
+    per_worker = cfg.solver.ims_per_batch // world
+    dataset = TrainSampleDataset(
+        samples, len(vocab), cfg.augment, rank=rank, world_size=world, seed=cfg.run.seed, skip_bad=cfg.data.skip_bad
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=per_worker,
+        sampler=range(start_iter * per_worker, 2**62),
+        num_workers=cfg.data.loader_workers,
+        collate_fn=collate_train,
+        persistent_workers=cfg.data.loader_workers > 0,
+    )
+    val_samples = [Sample(*s) for s in payload["val_samples"]]
+
+    def validate() -> float:
+        model.eval()
+        conf = np.zeros((len(vocab), len(vocab)), dtype=np.int64)
+        shard = EvalSampleDataset(val_samples[rank::world], len(vocab))
+        with torch.no_grad():
+            for i in range(len(shard)):
+                image, label = shard[i]
+                seg = model.segment([image], vocab, batch_size=1)[0]
+                conf += confusion_matrix(seg.label_map.numpy(), label, len(vocab))
+        model.train()
+        t = torch.from_numpy(conf).to(device)
+        if world > 1:
+            dist.all_reduce(t)
+        return miou_from_confusion(t.cpu().numpy())
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    nodes = [None] * world
+    if world > 1:
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    num_nodes = len(set(nodes)) if world > 1 else 1
+    window = []
+    max_iter = cfg.solver.max_iter
+    t0, it_done, bad_total = time.time(), 0, 0
+    data_iter = iter(loader)
+    iteration = start_iter
+    while iteration < max_iter:
+        images, targets, bad = next(data_iter)
+        bad_total += bad
+        images = images.to(device, non_blocking=True)
+        targets = [{"labels": t["labels"].to(device), "masks": t["masks"].to(device)} for t in targets]
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            losses = ddp(images, targets)
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"loss became {total.item()} at iteration {iteration}: {_terms(losses)}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+        if cfg.solver.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.solver.clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        lr = optimizer.param_groups[0]["lr"]
+        window.append(float(total.detach().item()))
+        scheduler.step()
+        iteration += 1
+        it_done += 1
+
+        if iteration == cfg.run.fail_at_iteration and resumed_from is None:
+            raise RuntimeError(f"fail_at_iteration={iteration}: injected failure (testing resume)")
+
+        is_log = iteration % cfg.run.log_period == 0 or iteration == max_iter
+        is_ckpt = iteration % cfg.run.checkpoint_period == 0 or iteration == max_iter
+        is_val = bool(val_samples) and (iteration % cfg.run.val_period == 0 or iteration == max_iter)
+        if not (is_log or is_ckpt or is_val):
+            continue
+        terms = _terms(losses)
+        total_t = torch.tensor([sum(window) / len(window)], device=device, dtype=torch.float64)
+        window = []
+        if world > 1:
+            dist.all_reduce(total_t)
+        history.append([iteration, float(total_t.item() / world)])
+        elapsed = time.time() - t0
+        speed = it_done / max(elapsed, 1e-9)
+        metrics = {
+            "iteration": iteration,
+            "loss": float(total_t.item() / world),  # mean over the iterations since the last report
+            **terms,
+            "lr": lr,
+            "it_per_s": speed,
+            "bad_samples": bad_total,
+            "resumed_from": -1 if resumed_from is None else resumed_from,
+            "resume_optimizer_digest": resume_digest,
+            "num_nodes": num_nodes,
+            "world_size": world,
+            "loss_history": [list(h) for h in history],
+        }
+        if is_val:
+            metrics["val_miou"] = validate()
+        if rank == 0 and is_log:
+            extra = f" val mIoU {metrics['val_miou']:.4f}" if "val_miou" in metrics else ""
+            print(
+                f"[train] iter {iteration}/{max_iter} loss {metrics['loss']:.3f} "
+                f"(ce {terms['loss_ce_all']:.3f} ce_clip {terms['loss_ce_clip_all']:.3f} "
+                f"mask {terms['loss_mask_all']:.3f} dice {terms['loss_dice_all']:.3f} ssc {terms['loss_ssc']:.3f}) "
+                f"lr {lr:.2e} {speed:.2f} it/s ETA {_fmt_eta((max_iter - iteration) / max(speed, 1e-9))}{extra}",
+                flush=True,
+            )
+        checkpoint = None
+        rng_states = [None] * world
+        if is_ckpt:
+            if world > 1:
+                dist.all_gather_object(rng_states, _rng_state())
+            else:
+                rng_states = [_rng_state()]
+        if is_ckpt and rank == 0:
+            tmp = tempfile.mkdtemp(prefix="ebseg_ckpt_")
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            state = {
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items() if k in trainable},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "iteration": iteration,
+                "rng": rng_states,
+                "config": payload["config"],
+                "vocabulary": payload["vocabulary"],
+                "optimizer_digest": optimizer_digest(optimizer),
+                "loss_history": history,
+            }
+            torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump({"iteration": iteration, "preset": cfg.model.preset, "metrics": metrics}, f)
+            checkpoint = Checkpoint.from_directory(tmp)
+            metrics["optimizer_digest"] = state["optimizer_digest"]
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint is not None:
+            shutil.rmtree(checkpoint.path, ignore_errors=True)
+
+
+def _terms(losses: dict) -> dict:
+    """Loss terms summed over predictions, for progress lines."""
+    out = {"loss_ce_all": 0.0, "loss_ce_clip_all": 0.0, "loss_mask_all": 0.0, "loss_dice_all": 0.0, "loss_ssc": 0.0}
+    for k, v in losses.items():
+        x = float(v.detach().float().item())
+        if k.startswith("1_loss_ce"):
+            out["loss_ce_clip_all"] += x
+        elif k.startswith("loss_ce"):
+            out["loss_ce_all"] += x
+        elif k.startswith("loss_mask"):
+            out["loss_mask_all"] += x
+        elif k.startswith("loss_dice"):
+            out["loss_dice_all"] += x
+        elif k.startswith("mse_ssc"):
+            out["loss_ssc"] += x
+    return out
