@@ -1,0 +1,122 @@
+"""Segment a few local images with EBSeg: a label PNG and a coloured overlay with a legend per image."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  ebseg segment photo.jpg street.png --vocabulary "sky,tree;trees,road,car;cars" \\
+      --checkpoint EBSeg_base.pth --out results/
+  ebseg segment *.jpg --vocabulary-preset ade150 --preset ebseg-l --checkpoint EBSeg_large.pth --out ade/
+
+For each IMAGE it writes <out>/<name>.label.png (class index per pixel, 8-bit, or 16-bit above 256
+classes), <out>/<name>.overlay.png (colours + legend) and <out>/classes.json (index -> names).
+For folders or buckets of images use `ebseg label` (Ray, resumable, Parquet).
+"""
+
+
+class UsageError(ValueError):
+    pass
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+    voc = parser.add_argument_group("vocabulary (one of)")
+    voc.add_argument("--vocabulary", metavar="TEXT",
+                     help="class names: ',' between classes, ';' between synonyms, e.g. \"cat,dog;puppy,grass\"")
+    voc.add_argument("--vocabulary-file", metavar="PATH", help="one class per line, synonyms separated by ';'")
+    voc.add_argument("--vocabulary-preset", metavar="NAME", help="coco171, ade150, ade847, pc59, pc459 or voc20")
+    mod = parser.add_argument_group("model")
+    mod.add_argument("--checkpoint", metavar="PATH_OR_URL", help="EBSeg weights (official .pth or ours)")
+    mod.add_argument("--preset", default="ebseg-b", help="architecture: ebseg-b, ebseg-l, ebseg-tiny (default: %(default)s)")
+    mod.add_argument("--random-weights", action="store_true",
+                     help="run an untrained model (labels are MEANINGLESS; for trying the tool only)")
+    mod.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda if available)")
+    parser.add_argument("--batch-size", type=int, default=2, metavar="B", help="images per model call (default: %(default)s)")
+
+
+def _vocabulary(args):
+    from ebseg_core import Vocabulary
+
+    given = [x for x in (args.vocabulary, args.vocabulary_file, args.vocabulary_preset) if x]
+    if len(given) != 1:
+        raise UsageError("give exactly one of --vocabulary, --vocabulary-file, --vocabulary-preset")
+    if args.vocabulary:
+        return Vocabulary.parse(args.vocabulary)
+    if args.vocabulary_file:
+        return Vocabulary.from_file(args.vocabulary_file)
+    return Vocabulary.preset(args.vocabulary_preset)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ebseg_core import build_model
+
+    vocab = _vocabulary(args)
+    if not args.checkpoint and not args.random_weights:
+        raise UsageError("no --checkpoint given; pass the EBSeg weights (e.g. EBSeg_base.pth), or "
+                         "--random-weights to try the tool with an untrained model")
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        raise UsageError(f"image not found: {', '.join(missing)}")
+    images = []
+    for p in args.images:
+        try:
+            with Image.open(p) as im:
+                images.append(np.asarray(im.convert("RGB")))
+        except OSError as e:
+            raise UsageError(f"cannot read image {p}: {e}") from None
+    if args.random_weights and not args.checkpoint:
+        print("WARNING: --random-weights: the model is UNTRAINED, the labels below are MEANINGLESS.", file=sys.stderr)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(args.preset, checkpoint=args.checkpoint, device=device)
+    from pipeline.overlay import overlay
+    from pipeline.schema import encode_label_png
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    results = model.segment(images, vocab, batch_size=args.batch_size,
+                            autocast_dtype=torch.bfloat16 if device.startswith("cuda") else None)
+    for path, img, res in zip(args.images, images, results):
+        stem = Path(path).stem
+        label = res.label_map.numpy()
+        (out / f"{stem}.label.png").write_bytes(encode_label_png(label, num_classes=len(vocab)))
+        overlay(img, label, vocab.names).save(out / f"{stem}.overlay.png")
+        present = np.unique(label)
+        print(f"{path}: {img.shape[1]}x{img.shape[0]}, classes: "
+              + ", ".join(f"{vocab.names[c]} {100 * float((label == c).mean()):.1f}%" for c in present))
+    (out / "classes.json").write_text(json.dumps({"names": vocab.names, "synonyms": vocab.synonyms,
+                                                 "vocabulary_id": vocab.id, "model_id": model.model_id}, indent=1))
+    print(f"{len(images)} image(s) in {time.perf_counter() - start:.1f} s -> {out}/")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ebseg segment", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"ebseg segment: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    try:
+        from jobs.cli import module_main
+    except ImportError:
+        sys.exit(main())
+    sys.exit(module_main(sys.modules[__name__]))

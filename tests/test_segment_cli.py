@@ -1,0 +1,42 @@
+"""`ebseg segment`: label PNGs and overlays for local images, and clear refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from jobs import segment
+from pipeline.schema import decode_label_png
+from tests.corpus import blob_image
+
+
+def test_segment_writes_labels_and_overlays(tmp_path, capsys):
+    rgb, _ = blob_image(90, 120, seed=5, num_classes=3)
+    Image.fromarray(rgb).save(tmp_path / "blobs.png")
+    out = tmp_path / "out"
+    rc = segment.main([str(tmp_path / "blobs.png"), "--vocabulary", "sky,tree;trees,road", "--preset", "ebseg-tiny",
+                       "--random-weights", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "MEANINGLESS" in captured.err
+    label = decode_label_png((out / "blobs.label.png").read_bytes())
+    assert label.shape == (90, 120) and label.max() < 3
+    overlay = Image.open(out / "blobs.overlay.png")
+    assert overlay.height == 90 and overlay.width > 120  # image + legend panel
+    meta = json.loads((out / "classes.json").read_text())
+    assert meta["names"] == ["sky", "tree", "road"]
+
+
+def test_segment_refuses_without_weights_or_inputs(tmp_path, capsys):
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    assert segment.main([str(img), "--vocabulary", "a,b", "--preset", "ebseg-tiny", "--out", str(tmp_path)]) == 2
+    assert "--random-weights" in capsys.readouterr().err
+    assert segment.main([str(tmp_path / "nope.jpg"), "--vocabulary", "a", "--preset", "ebseg-tiny",
+                         "--random-weights", "--out", str(tmp_path)]) == 2
+    assert "image not found" in capsys.readouterr().err
+    assert segment.main([str(img), "--vocabulary", "a,a", "--preset", "ebseg-tiny", "--random-weights",
+                         "--out", str(tmp_path)]) == 2
+    assert "appears twice" in capsys.readouterr().err
