@@ -42,6 +42,7 @@ ERROR_KINDS = {
     "unsupported": "a real image this build cannot decode (format or mode)",
     "decode": "the image could not be decoded (other reasons)",
     "model": "the model failed on this image",
+    "encode": "the label could not be encoded into the row",
 }
 
 BBOX_TYPE = pa.list_(pa.int32())
