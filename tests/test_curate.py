@@ -346,3 +346,22 @@ def test_missing_source_image_is_skipped_not_fatal(s3, s3_prefix, tmp_path):
     d = C.open_labels(s3_prefix + "labels/")
     res = C.export_generic(d, C.query(d, C.Query()), str(tmp_path / "g"), C.make_label_filter(d))
     assert res.written == 0 and len(res.skipped) == 1 and "gone.jpg" in res.skipped[0][0]
+
+
+def test_overlay_palette_blend_and_ignore():
+    from pipeline.overlay import class_color, overlay, palette
+
+    assert palette(300).shape == (300, 3)
+    assert len({tuple(c) for c in palette(300).tolist()}) == 300  # distinct colours
+    assert class_color(7) == tuple(palette(8)[7])  # same colour on every call
+    img = np.full((10, 12, 3), 100, dtype=np.uint8)
+    lab = np.zeros((10, 12), dtype=np.int64)
+    lab[:, 6:] = 255  # ignored half
+    out = np.asarray(overlay(img, lab, ["a"], alpha=0.5, ignore_index=255, legend=False, draw_boundaries=False))
+    np.testing.assert_array_equal(out[:, 6:], img[:, 6:])
+    want = np.rint(100 * 0.5 + np.array(class_color(0)) * 0.5)
+    np.testing.assert_array_equal(out[0, 0], want)
+    with_legend = overlay(img, lab, ["a"], ignore_index=255)
+    assert with_legend.size[0] > 12 and with_legend.size[1] >= 10
+    with pytest.raises(ValueError, match="differs from label size"):
+        overlay(img, lab[:5], ["a"])
