@@ -1,0 +1,742 @@
+"""The labeling pipeline: image lake -> Ray Data (read, decode, EBSeg actor pool, encode) -> label Parquet.
+
+Design (why, in short; docs/labeling.md has the long form):
+- Inputs come from a deterministic shard plan saved under ``<output>/_plan/`` (pipeline/listing.py):
+  listing is streamed, bytes are read inside Ray tasks, never by the driver.
+- Stages: plan shard -> URIs (task) -> read + decode (tasks, threads for I/O overlap, transient
+  storage errors retried with backoff, every failure an error row) -> EBSeg (actor pool: model
+  and vocabulary embeddings loaded once per actor; Ray restarts dead actors and retries their
+  batches) -> encode PNGs/stats and write a Parquet *fragment* per (batch, shard) (tasks).
+- Exactly-once output without Ray's checkpointing: a fragment is written whole (temp+rename
+  locally, one PUT on object stores) under ``_parts/shard-N/`` with a name derived from its
+  contents, so a retried task overwrites its own fragment. When all inputs of a shard are in
+  fragments, the shard is compacted into ``labels-N.parquet`` (written whole, then fragments
+  deleted). A rerun skips shards with a final file and, for the others, only the URIs not in a
+  fragment. A SIGKILL at any moment leaves whole files only, so nothing is lost or doubled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import schema as S
+from pipeline.images import DEFAULT_MAX_PIXELS, DecodeError, decode_image_with_info
+from pipeline.listing import (
+    DEFAULT_EXTENSIONS,
+    InputError,
+    InputSpec,
+    Plan,
+    build_plan,
+    exists,
+    fs_and_path,
+    join_url,
+    list_dir,
+    read_bytes,
+    read_plan_shard,
+    remove_tree,
+    shard_name,
+    table_to_parquet_bytes,
+    write_bytes_atomic,
+)
+
+PARTS_DIR = "_parts"
+JOB_MARKER = "_job.json"
+SUCCESS_MARKER = "_SUCCESS"
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+TEST_EXIT_ENV = "EBSEG_TEST_ACTOR_EXIT_AT_BATCH"  # TEST ONLY: "N:/path/marker" -> one actor exits on batch N
+
+
+class LabelError(RuntimeError):
+    """A problem the user can fix (bad flags, unreachable storage, mismatched output); printed without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelConfig:
+    """Everything a labeling run needs; the CLI (jobs/label.py) fills it from flags."""
+
+    output: str
+    input: str | None = None
+    manifest: str | None = None
+    extensions: tuple[str, ...] | None = DEFAULT_EXTENSIONS
+    glob: str | None = None
+    vocabulary: str | None = None  # "cat,dog;puppy,grass"
+    vocabulary_file: str | None = None
+    vocabulary_preset: str | None = None
+    preset: str = "ebseg-b"
+    checkpoint: str | None = None
+    random_weights: bool = False
+    num_actors: int | None = None  # default: one per GPU, else 1
+    num_gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    num_cpus_per_actor: float | None = None  # default: 1 on GPU; on CPU-only, what leaves a CPU for I/O
+    batch_size: int = 8
+    inference_size: int | None = None  # shorter side the model sees; default: the preset's (640)
+    inference_max_size: int | None = None
+    shard_size: int = 1000
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    read_retries: int = 6
+    read_threads: int = 8
+    read_batch_size: int = 16
+    write_batch_size: int = 64
+    actor_resources: dict[str, float] = field(default_factory=dict)
+    progress_interval_s: float = 10.0
+    progress_bars: bool = True
+
+
+@dataclass
+class LabelSummary:
+    """What a run did, printed at the end and saved as ``_SUCCESS`` when the output is complete."""
+
+    output: str
+    inputs_total: int
+    shards_total: int
+    inputs_skipped: int  # labeled by an earlier run
+    processed: int
+    ok: int
+    errors: dict[str, int]
+    seconds: float
+    images_per_s: float
+    complete: bool
+    model_id: str = ""
+    vocabulary_id: str = ""
+
+    def lines(self) -> list[str]:
+        errs = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors.items())) or "none"
+        return [
+            f"[label] output:      {self.output} ({self.shards_total} files labels-*.parquet)",
+            f"[label] inputs:      {self.inputs_total:,} ({self.inputs_skipped:,} already labeled by an earlier run)",
+            f"[label] this run:    {self.processed:,} labeled, {self.ok:,} ok, errors: {errs}",
+            f"[label] throughput:  {self.images_per_s:.2f} images/s over {self.seconds:.1f} s",
+            f"[label] complete:    {'yes' if self.complete else 'NO (rerun the same command to finish)'}",
+        ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: plan shard -> rows of URIs
+# ---------------------------------------------------------------------------------------------
+
+
+def expand_shards(batch: pa.Table) -> pa.Table:
+    """Read plan shard files (inside a Ray task) into one row per input still to label."""
+    shards, uris = [], []
+    for shard, plan_url, only in zip(batch.column("shard").to_pylist(), batch.column("plan_url").to_pylist(),
+                                     batch.column("only").to_pylist()):
+        wanted = set(only) if only else None
+        for uri in read_plan_shard(plan_url):
+            if wanted is None or uri in wanted:
+                shards.append(shard)
+                uris.append(uri)
+    return pa.table({"shard": pa.array(shards, pa.int32()), "uri": pa.array(uris, pa.string())})
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: read bytes (retries) + decode
+# ---------------------------------------------------------------------------------------------
+
+_TRANSIENT_MARKERS = (
+    "slowdown", "slow down", "503", "service unavailable", "throttl", "requesttimeout", "request timeout",
+    "timed out", "timeout", "connection reset", "connection aborted", "connectionerror", "broken pipe",
+    "500", "internalerror", "internal error", "too many requests", "429", "temporarily", "remotedisconnected",
+    "endpointconnectionerror", "could not connect",
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth retrying: throttling, 5xx, timeouts, dropped connections (not 404/403)."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(m in text for m in _TRANSIENT_MARKERS)
+
+
+class ReadError(Exception):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def read_with_retries(uri: str, retries: int = 6, base_delay: float = 0.2, max_bytes: int = DEFAULT_MAX_BYTES,
+                      sleep: Callable[[float], None] = time.sleep) -> bytes:
+    """Read a whole object, retrying transient errors with exponential backoff and jitter.
+
+    Raises ReadError for a permanent failure (missing, forbidden, or still failing after retries),
+    DecodeError("too_large") for an object above ``max_bytes``.
+    """
+    last: BaseException | None = None
+    for attempt in range(retries + 1):
+        try:
+            fs, path = fs_and_path(uri)
+            data = fs.cat_file(path, start=0, end=max_bytes + 1)
+            if len(data) > max_bytes:
+                raise DecodeError("too_large", f"file is larger than {max_bytes} bytes")
+            return bytes(data)
+        except DecodeError:
+            raise
+        except FileNotFoundError:
+            raise ReadError(f"not found: {uri}") from None
+        except PermissionError as exc:
+            raise ReadError(f"access denied: {uri} ({exc})") from None
+        except IsADirectoryError:
+            raise ReadError(f"is a directory: {uri}") from None
+        except Exception as exc:  # noqa: BLE001 - classified below
+            last = exc
+            if not is_transient(exc) or attempt == retries:
+                break
+            delay = min(base_delay * (2 ** attempt), 10.0) * (0.5 + random.random())
+            sleep(delay)
+    kind = "after retries" if last is not None and is_transient(last) else "permanent"
+    raise ReadError(f"read failed ({kind}): {type(last).__name__}: {last}")
+
+
+def _read_decode_one(uri: str, max_pixels: int, max_bytes: int, retries: int) -> dict:
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"uri": uri, "status": S.STATUS_OK, "error_kind": None, "error": None, "width": None,
+                           "height": None, "pixels": None, "source_bytes": None, "content_sha1": None}
+    try:
+        data = read_with_retries(uri, retries=retries, max_bytes=max_bytes)
+    except ReadError as exc:
+        row.update(status=S.STATUS_ERROR, error_kind="read", error=exc.message)
+        return row
+    except DecodeError as exc:
+        row.update(status=S.STATUS_ERROR, error_kind=exc.kind, error=exc.message)
+        return row
+    row["source_bytes"] = len(data)
+    row["content_sha1"] = hashlib.sha1(data).hexdigest()
+    try:
+        rgb, _info = decode_image_with_info(data, max_pixels=max_pixels)
+    except DecodeError as exc:
+        row.update(status=S.STATUS_ERROR, error_kind=exc.kind, error=exc.message)
+        return row
+    except Exception as exc:  # noqa: BLE001 - a decoder bug must cost one row, not the job
+        row.update(status=S.STATUS_ERROR, error_kind="decode", error=f"{type(exc).__name__}: {exc}")
+        return row
+    h, w = rgb.shape[:2]
+    row.update(width=w, height=h, pixels=rgb.tobytes())
+    row["decode_ms"] = (time.perf_counter() - t0) * 1000.0
+    return row
+
+
+def read_decode_batch(batch: pa.Table, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
+                      retries: int = 6, threads: int = 8) -> pa.Table:
+    """Read and decode a batch of URIs with a few threads (I/O overlaps); one output row per input."""
+    uris = batch.column("uri").to_pylist()
+    shards = batch.column("shard").to_pylist()
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(uris)))) as pool:
+        rows = list(pool.map(lambda u: _read_decode_one(u, max_pixels, max_bytes, retries), uris))
+    return pa.table({
+        "shard": pa.array(shards, pa.int32()),
+        "uri": pa.array(uris, pa.string()),
+        "status": pa.array([r["status"] for r in rows], pa.string()),
+        "error_kind": pa.array([r["error_kind"] for r in rows], pa.string()),
+        "error": pa.array([r["error"] for r in rows], pa.string()),
+        "width": pa.array([r["width"] for r in rows], pa.int32()),
+        "height": pa.array([r["height"] for r in rows], pa.int32()),
+        "pixels": pa.array([r["pixels"] for r in rows], pa.large_binary()),
+        "source_bytes": pa.array([r["source_bytes"] for r in rows], pa.int64()),
+        "content_sha1": pa.array([r["content_sha1"] for r in rows], pa.string()),
+    })
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: the model, one per actor
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    preset: str
+    checkpoint: str | None
+    batch_size: int
+    torch_threads: int = 0  # 0: leave torch's default
+    inference_size: int | None = None
+    inference_max_size: int | None = None
+
+    def config(self):
+        """The preset's config with the inference-size overrides applied."""
+        from ebseg_core import preset_config
+
+        cfg = preset_config(self.preset)
+        changes = {}
+        if self.inference_size:
+            changes["test_min_size"] = self.inference_size
+            changes["test_max_size"] = self.inference_max_size or max(cfg.test_max_size, self.inference_size)
+        elif self.inference_max_size:
+            changes["test_max_size"] = self.inference_max_size
+        return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+class Labeler:
+    """Ray Data callable class: builds EBSeg once per actor, then labels batches of decoded images."""
+
+    def __init__(self, spec: ModelSpec, vocabulary: Any, test_exit: str | None = None):
+        import torch
+
+        from ebseg_core import build_model
+
+        if spec.torch_threads > 0:
+            torch.set_num_threads(spec.torch_threads)
+        self.torch = torch
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if spec.checkpoint is None:  # random weights: the same in every actor, so labels agree across actors
+            torch.manual_seed(0)
+        self.model = build_model(spec.config(), checkpoint=spec.checkpoint)
+        self.model.to(self.device).eval()
+        self.spec = spec
+        self.vocab = vocabulary
+        self.model_id = str(getattr(self.model, "model_id", spec.preset))
+        cfg = getattr(self.model, "config", None)
+        self.model_config = json.dumps(
+            {"model_id": self.model_id, "preset": spec.preset, "checkpoint": spec.checkpoint,
+             "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg},
+            default=str)
+        self.label_dtype = np.uint8 if len(vocabulary.names) <= 256 else np.uint16
+        self.calls = 0
+        self.test_exit = test_exit  # TEST ONLY (EBSEG_TEST_ACTOR_EXIT_AT_BATCH), see _maybe_test_exit
+
+    def _maybe_test_exit(self) -> None:
+        """TEST ONLY: simulate an actor dying mid-job, once per marker file (used by tests/test_label*.py)."""
+        if not self.test_exit:
+            return
+        at, marker = self.test_exit.split(":", 1)
+        if self.calls == int(at) and not os.path.exists(marker):
+            with open(marker, "w") as f:
+                f.write(str(os.getpid()))
+            os._exit(1)
+
+    def _segment(self, images: list[np.ndarray]) -> list:
+        torch = self.torch
+        amp = None
+        if self.device.type == "cuda":  # mixed precision on GPU; segment() casts the outputs back to float32
+            amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        with torch.inference_mode():
+            return self.model.segment(images, self.vocab, batch_size=self.spec.batch_size, autocast_dtype=amp)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self.calls += 1
+        self._maybe_test_exit()
+        n = batch.num_rows
+        status = batch.column("status").to_pylist()
+        kinds = batch.column("error_kind").to_pylist()
+        errors = batch.column("error").to_pylist()
+        widths = batch.column("width").to_pylist()
+        heights = batch.column("height").to_pylist()
+        pixels = batch.column("pixels").to_pylist()
+        labels: list[bytes | None] = [None] * n
+        confs: list[bytes | None] = [None] * n
+        ms: list[float | None] = [None] * n
+        todo = [i for i in range(n) if status[i] == S.STATUS_OK]
+        images = [np.frombuffer(pixels[i], np.uint8).reshape(heights[i], widths[i], 3) for i in todo]
+        t0 = time.perf_counter()
+        try:
+            results: list = self._segment(images) if images else []
+            per = (time.perf_counter() - t0) * 1000.0 / max(1, len(images))
+            times = [per] * len(images)
+        except Exception:  # noqa: BLE001 - find the image that fails, label the rest
+            results, times = [], []
+            for img in images:
+                t1 = time.perf_counter()
+                try:
+                    results.append(self._segment([img])[0])
+                except Exception as exc:  # noqa: BLE001
+                    results.append(exc)
+                times.append((time.perf_counter() - t1) * 1000.0)
+        for i, res, t in zip(todo, results, times):
+            if isinstance(res, Exception):
+                status[i], kinds[i], errors[i] = S.STATUS_ERROR, "model", f"{type(res).__name__}: {res}"
+                continue
+            lab = res.label_map.detach().to("cpu").numpy()
+            conf = res.confidence.detach().float().to("cpu").numpy()
+            if lab.shape != (heights[i], widths[i]):
+                status[i], kinds[i] = S.STATUS_ERROR, "model"
+                errors[i] = f"model returned a {lab.shape} label map for a {heights[i]}x{widths[i]} image"
+                continue
+            labels[i] = lab.astype(self.label_dtype).tobytes()
+            confs[i] = conf.astype(np.float16).tobytes()
+            ms[i] = t
+        out = batch.drop_columns(["pixels", "status", "error_kind", "error"])
+        return out.append_column("status", pa.array(status, pa.string())) \
+            .append_column("error_kind", pa.array(kinds, pa.string())) \
+            .append_column("error", pa.array(errors, pa.string())) \
+            .append_column("label_raw", pa.array(labels, pa.large_binary())) \
+            .append_column("confidence_raw", pa.array(confs, pa.large_binary())) \
+            .append_column("duration_ms", pa.array(ms, pa.float32())) \
+            .append_column("model_id", pa.array([self.model_id] * n, pa.string())) \
+            .append_column("model_config", pa.array([self.model_config] * n, pa.string()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 4: encode rows and write fragments
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VocabInfo:
+    names: list[str]
+    synonyms: list[list[str]]
+    id: str
+
+
+def fragment_name(uris: list[str]) -> str:
+    """Content-derived fragment name: a retried task rewrites the same file instead of adding one."""
+    return "part-" + hashlib.sha1("\n".join(sorted(uris)).encode()).hexdigest()[:24] + ".parquet"
+
+
+def encode_and_write(batch: pa.Table, output: str, vocab: VocabInfo) -> pa.Table:
+    """Turn model outputs into label rows (PNG masks, class stats) and write one fragment per shard."""
+    d = batch.to_pydict()
+    now = _dt.datetime.now(_dt.timezone.utc)
+    label_dtype = np.uint8 if len(vocab.names) <= 256 else np.uint16
+    by_shard: dict[int, list[dict]] = defaultdict(list)
+    model_config = next((c for c in d["model_config"] if c), "{}")
+    for i in range(batch.num_rows):
+        uri, shard = d["uri"][i], d["shard"][i]
+        common = dict(model_id=d["model_id"][i] or "", vocabulary_id=vocab.id, labeled_at=now,
+                      source_bytes=d["source_bytes"][i], content_sha1=d["content_sha1"][i])
+        row = None
+        if d["status"][i] == S.STATUS_OK:
+            try:
+                h, w = d["height"][i], d["width"][i]
+                lab = np.frombuffer(d["label_raw"][i], label_dtype).reshape(h, w)
+                conf = np.frombuffer(d["confidence_raw"][i], np.float16).reshape(h, w).astype(np.float32)
+                row = S.make_ok_row(uri, lab, conf, vocab.names, duration_ms=d["duration_ms"][i], **common)
+            except Exception as exc:  # noqa: BLE001 - an encoding bug costs one row
+                row = S.make_error_row(uri, "encode", f"{type(exc).__name__}: {exc}", **common)
+        if row is None:
+            row = S.make_error_row(uri, d["error_kind"][i] or "unknown", d["error"][i] or "", width=d["width"][i],
+                                   height=d["height"][i], **common)
+        by_shard[shard].append(row)
+    try:
+        model_meta = json.loads(model_config)
+    except json.JSONDecodeError:
+        model_meta = {"raw": model_config}
+    schema = S.label_schema(vocab.names, vocab.synonyms, vocab.id, model=model_meta)
+    summary: dict[str, list] = {"shard": [], "rows": [], "ok": [], "error_kinds": [], "model_id": []}
+    for shard, rows in sorted(by_shard.items()):
+        table = S.rows_to_table(rows, schema=schema)
+        name = fragment_name([r["uri"] for r in rows])
+        write_bytes_atomic(join_url(output, PARTS_DIR, shard_name(shard), name), table_to_parquet_bytes(table))
+        kinds = Counter(r["error_kind"] for r in rows if r["status"] != S.STATUS_OK)
+        summary["shard"].append(shard)
+        summary["rows"].append(len(rows))
+        summary["ok"].append(sum(1 for r in rows if r["status"] == S.STATUS_OK))
+        summary["error_kinds"].append(json.dumps(kinds))
+        summary["model_id"].append(rows[0]["model_id"])
+    return pa.table({"model_id": pa.array(summary["model_id"], pa.string()),"shard": pa.array(summary["shard"], pa.int32()), "rows": pa.array(summary["rows"], pa.int64()),
+                     "ok": pa.array(summary["ok"], pa.int64()),
+                     "error_kinds": pa.array(summary["error_kinds"], pa.string())})
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard bookkeeping: fragments -> final file
+# ---------------------------------------------------------------------------------------------
+
+
+def final_name(shard: int) -> str:
+    return f"labels-{shard:06d}.parquet"
+
+
+def _fragment_urls(output: str, shard: int) -> list[str]:
+    d = join_url(output, PARTS_DIR, shard_name(shard))
+    return [join_url(d, n) for n in list_dir(d) if n.endswith(".parquet") and not n.startswith(".")]
+
+
+def _read_parquet_url(url: str, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(read_bytes(url)), columns=columns)
+
+
+def fragment_uris(output: str, shard: int) -> set[str]:
+    """URIs already labeled in a shard's fragments (reads only the uri column)."""
+    done: set[str] = set()
+    for url in _fragment_urls(output, shard):
+        done.update(_read_parquet_url(url, ["uri"]).column("uri").to_pylist())
+    return done
+
+
+def compact_shard(output: str, shard: int, plan_url: str) -> dict:
+    """Merge a complete shard's fragments into ``labels-N.parquet`` (plan order, each URI once), then drop them."""
+    uris = read_plan_shard(plan_url)
+    tables = [_read_parquet_url(u) for u in _fragment_urls(output, shard)]
+    if not tables:
+        raise RuntimeError(f"shard {shard}: no fragments to compact")
+    schema = tables[0].schema
+    table = pa.concat_tables([t.cast(schema) if t.schema != schema else t for t in tables])
+    first: dict[str, int] = {}
+    for idx, uri in enumerate(table.column("uri").to_pylist()):
+        first.setdefault(uri, idx)  # a URI written twice (retried task) is kept once
+    missing = [u for u in uris if u not in first]
+    if missing:
+        raise RuntimeError(f"shard {shard}: {len(missing)} inputs have no row yet (first: {missing[0]})")
+    table = table.take(pa.array([first[u] for u in uris], pa.int64())).replace_schema_metadata(schema.metadata)
+    write_bytes_atomic(join_url(output, final_name(shard)), table_to_parquet_bytes(table, row_group_size=256))
+    remove_tree(join_url(output, PARTS_DIR, shard_name(shard)))
+    return {"shard": shard, "rows": table.num_rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+
+def load_vocabulary(cfg: LabelConfig):
+    """Parse the vocabulary flags (exactly one of text, file, preset) into an ebseg_core Vocabulary."""
+    from ebseg_core import Vocabulary
+
+    given = [x for x in (cfg.vocabulary, cfg.vocabulary_file, cfg.vocabulary_preset) if x]
+    if len(given) != 1:
+        raise LabelError("give exactly one of --vocabulary \"cat,dog;puppy,grass\", --vocabulary-file PATH, "
+                         "--vocabulary-preset NAME")
+    try:
+        if cfg.vocabulary:
+            vocab = Vocabulary.parse(cfg.vocabulary)
+        elif cfg.vocabulary_file:
+            path = cfg.vocabulary_file
+            if "://" in path:  # a vocabulary on object storage: fetch it
+                import tempfile
+
+                with tempfile.NamedTemporaryFile("wb", suffix=".txt", delete=False) as f:
+                    f.write(read_bytes(path))
+                path = f.name
+            vocab = Vocabulary.from_file(path)
+        else:
+            vocab = Vocabulary.preset(cfg.vocabulary_preset)
+    except LabelError:
+        raise
+    except FileNotFoundError as exc:
+        raise LabelError(f"vocabulary file not found: {exc}") from None
+    except (ValueError, KeyError) as exc:
+        raise LabelError(f"bad vocabulary: {exc}") from None
+    if not vocab.names:
+        raise LabelError("the vocabulary has no classes")
+    return vocab
+
+
+def _ensure_ray(cfg: LabelConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:  # embedded local Ray; logical CPUs > cores so actors never starve the read tasks
+        cpus = os.cpu_count() or 2
+        ray.init(address="local", num_cpus=max(4, 2 * cpus), include_dashboard=False, log_to_driver=True)
+
+
+def _resources(cfg: LabelConfig) -> tuple[int, float, float]:
+    import ray
+
+    res = ray.cluster_resources()
+    gpus = float(res.get("GPU", 0))
+    cpus = float(res.get("CPU", 1))
+    g = cfg.num_gpus_per_actor if cfg.num_gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    if g > 0 and g > gpus:
+        raise LabelError(f"--num-gpus-per-actor {g} but the Ray cluster has {gpus:g} GPUs")
+    n = cfg.num_actors or (max(1, int(gpus // g)) if g > 0 else 1)
+    if cfg.num_cpus_per_actor is not None:
+        c = cfg.num_cpus_per_actor
+    elif g > 0:
+        c = 1.0
+    else:  # leave at least one logical CPU to the read/encode tasks
+        c = max(0.25, min(1.0, (cpus - 1.0) / n))
+    return n, g, c
+
+
+def _check_job_identity(cfg: LabelConfig, vocab, plan: Plan) -> None:
+    """Refuse to mix labels of different vocabularies/models in one output."""
+    ident = {"vocabulary_id": vocab.id, "preset": cfg.preset, "checkpoint": cfg.checkpoint,
+             "random_weights": cfg.random_weights, "inference_size": cfg.inference_size,
+             "inference_max_size": cfg.inference_max_size}
+    url = join_url(cfg.output, JOB_MARKER)
+    if exists(url):
+        old = json.loads(read_bytes(url))
+        if old != ident:
+            raise LabelError(f"{cfg.output} holds labels of another job ({old}); this run is {ident}. "
+                             "Write to a new --output to label with a different vocabulary or model.")
+        return
+    write_bytes_atomic(url, json.dumps(ident).encode())
+
+
+def _check_checkpoint(cfg: LabelConfig) -> None:
+    if cfg.checkpoint is None:
+        if not cfg.random_weights:
+            raise LabelError("no --checkpoint given. Pass --checkpoint PATH_OR_URL (an official EBSeg .pth or ours), "
+                             "or --random-weights to test the pipeline with an untrained model.")
+        return
+    if cfg.random_weights:
+        raise LabelError("--checkpoint and --random-weights exclude each other")
+    if cfg.checkpoint.startswith(("http://", "https://")):
+        return
+    try:
+        ok = exists(cfg.checkpoint)
+    except Exception as exc:  # noqa: BLE001
+        raise LabelError(f"cannot reach checkpoint {cfg.checkpoint}: {exc}") from None
+    if not ok:
+        raise LabelError(f"checkpoint {cfg.checkpoint} does not exist")
+
+
+def run_label(cfg: LabelConfig, log: Callable[[str], None] = print) -> LabelSummary:
+    """Label every input of ``cfg`` into ``cfg.output``; resumable: rerun the same call after a crash."""
+    import ray
+
+    t_start = time.time()
+    if cfg.batch_size <= 0:
+        raise LabelError("--batch-size must be positive")
+    _check_checkpoint(cfg)
+    vocab = load_vocabulary(cfg)
+    mspec = ModelSpec(preset=cfg.preset, checkpoint=cfg.checkpoint, batch_size=cfg.batch_size,
+                      inference_size=cfg.inference_size, inference_max_size=cfg.inference_max_size)
+    try:
+        mspec.config()
+    except (KeyError, ValueError, TypeError) as exc:
+        raise LabelError(f"bad model settings: {exc}") from None
+    if cfg.random_weights:
+        bar = "!" * 78
+        log(f"{bar}\n!! --random-weights: the model is UNTRAINED. The labels written are MEANINGLESS;\n"
+            f"!! use this only to test the pipeline. Pass --checkpoint for real labels.\n{bar}")
+    try:
+        spec = InputSpec(input=cfg.input, manifest=cfg.manifest, extensions=cfg.extensions, glob=cfg.glob)
+    except InputError as exc:
+        raise LabelError(str(exc)) from None
+    log(f"[label] listing {cfg.input or cfg.manifest} into a shard plan under {join_url(cfg.output, '_plan')} ...")
+    try:
+        plan = build_plan(spec, cfg.output, shard_size=cfg.shard_size, progress=log)
+        _check_job_identity(cfg, vocab, plan)
+    except InputError as exc:
+        raise LabelError(str(exc)) from None
+    except LabelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - storage unreachable, bucket missing, no permission
+        raise LabelError(f"cannot write the plan to {cfg.output}: {type(exc).__name__}: {exc}") from None
+    log(f"[label] plan: {plan.total:,} inputs in {plan.num_shards} shards of up to {plan.shard_size}")
+
+    # Resume: which shards are final, which are partly in fragments.
+    finals = {n for n in list_dir(cfg.output) if n.startswith("labels-") and n.endswith(".parquet")}
+    done_shards = {s for s in range(plan.num_shards) if final_name(s) in finals}
+    part_dirs = {n for n in list_dir(join_url(cfg.output, PARTS_DIR)) if n.startswith("shard-")}
+    items: list[dict] = []
+    expected: dict[int, int] = {}
+    to_compact: list[int] = []
+    skipped = sum(plan.shard_counts[s] for s in done_shards)
+    for s in range(plan.num_shards):
+        if s in done_shards:
+            if shard_name(s) in part_dirs:  # crash between final write and fragment cleanup
+                remove_tree(join_url(cfg.output, PARTS_DIR, shard_name(s)))
+            continue
+        only: list[str] = []
+        if shard_name(s) in part_dirs:
+            done = fragment_uris(cfg.output, s)
+            if done:
+                pending = [u for u in read_plan_shard(plan.shard_url(s)) if u not in done]
+                skipped += plan.shard_counts[s] - len(pending)
+                if not pending:
+                    to_compact.append(s)
+                    continue
+                only = pending
+        items.append({"shard": s, "plan_url": plan.shard_url(s), "only": only})
+        expected[s] = len(only) if only else plan.shard_counts[s]
+    todo = sum(expected.values())
+    if skipped:
+        log(f"[label] resuming: {len(done_shards)} shards already written, {skipped:,} inputs already labeled, "
+            f"{todo:,} to go")
+
+    _ensure_ray(cfg)
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress_bars
+    n_actors, gpus, cpus = _resources(cfg)
+    threads = max(1, math.ceil(cpus)) if gpus == 0 else 0
+    mspec = dataclasses.replace(mspec, torch_threads=threads)
+    vinfo = VocabInfo(names=list(vocab.names), synonyms=[list(s) for s in vocab.synonyms], id=vocab.id)
+    test_exit = os.environ.get(TEST_EXIT_ENV) or None  # TEST ONLY
+    compact = ray.remote(num_cpus=0.25, max_retries=3)(compact_shard)
+    pending_compactions: list = [compact.remote(cfg.output, s, plan.shard_url(s)) for s in to_compact]
+
+    ok = 0
+    model_id = ""
+    errors: Counter = Counter()
+    processed = 0
+    if items:
+        log(f"[label] {n_actors} model actor(s) x ({gpus:g} GPU, {cpus:g} CPU), batch size {cfg.batch_size}, "
+            f"model {cfg.preset}{' (random weights)' if cfg.random_weights else ''}, {len(vinfo.names)} classes")
+        ds = ray.data.from_items(items, override_num_blocks=min(len(items), 10_000))
+        ds = ds.map_batches(expand_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+        ds = ds.map_batches(read_decode_batch, batch_size=cfg.read_batch_size, batch_format="pyarrow",
+                            fn_kwargs={"max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
+                                       "retries": cfg.read_retries, "threads": cfg.read_threads},
+                            num_cpus=0.5)
+        # Fault tolerance of the actor pool: Ray Data creates its actors with max_restarts=-1 and
+        # max_task_retries=-1 (ray/data/_internal/execution/operators/actor_pool_map_operator.py),
+        # so a dead actor is restarted and its in-flight batch re-run; we rely on those defaults
+        # (passing them again is deprecated in Ray 2.60).
+        ds = ds.map_batches(Labeler, fn_constructor_kwargs={"spec": mspec, "vocabulary": vocab, "test_exit": test_exit},
+                            batch_size=cfg.batch_size, batch_format="pyarrow",
+                            compute=ActorPoolStrategy(size=n_actors), num_gpus=gpus, num_cpus=cpus,
+                            resources=dict(cfg.actor_resources) or None)
+        ds = ds.map_batches(encode_and_write, batch_size=cfg.write_batch_size, batch_format="pyarrow",
+                            fn_kwargs={"output": cfg.output, "vocab": vinfo}, num_cpus=0.5)
+        got: dict[int, int] = defaultdict(int)
+        compacting: set[int] = set()
+        t_run = time.time()
+        last = t_run
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for s, rows, n_ok, kinds, mid in zip(
+                    batch.column("shard").to_pylist(), batch.column("rows").to_pylist(), batch.column("ok").to_pylist(),
+                    batch.column("error_kinds").to_pylist(), batch.column("model_id").to_pylist()):
+                got[s] += rows
+                processed += rows
+                ok += n_ok
+                errors.update(json.loads(kinds))
+                model_id = model_id or mid
+                if got[s] >= expected.get(s, 0) and s not in compacting:
+                    compacting.add(s)
+                    pending_compactions.append(compact.remote(cfg.output, s, plan.shard_url(s)))
+            now = time.time()
+            if now - last >= cfg.progress_interval_s:
+                last = now
+                rate = processed / max(now - t_run, 1e-9)
+                eta = (todo - processed) / rate if rate > 0 else float("inf")
+                log(f"[label] {processed + skipped:,}/{plan.total:,} images ({100 * (processed + skipped) / plan.total:.1f}%)"
+                    f" | {rate:.2f} img/s | ok {ok:,} errors {sum(errors.values()):,} | ETA {eta:.0f} s")
+            if len(pending_compactions) > 32:
+                _, pending_compactions = ray.wait(pending_compactions, num_returns=len(pending_compactions) - 16)
+    ray.get(pending_compactions)
+
+    finals = {n for n in list_dir(cfg.output) if n.startswith("labels-") and n.endswith(".parquet")}
+    complete = all(final_name(s) in finals for s in range(plan.num_shards))
+    seconds = time.time() - t_start
+    summary = LabelSummary(output=cfg.output, inputs_total=plan.total, shards_total=plan.num_shards,
+                           inputs_skipped=skipped, processed=processed, ok=ok, errors=dict(errors),
+                           seconds=seconds, images_per_s=processed / seconds if seconds > 0 else 0.0,
+                           complete=complete, model_id=model_id, vocabulary_id=vocab.id)
+    if complete:
+        if not list_dir(join_url(cfg.output, PARTS_DIR)):
+            remove_tree(join_url(cfg.output, PARTS_DIR))
+        write_bytes_atomic(join_url(cfg.output, SUCCESS_MARKER), json.dumps(dataclasses.asdict(summary)).encode())
+    for line in summary.lines():
+        log(line)
+    return summary
