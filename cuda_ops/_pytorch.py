@@ -27,9 +27,12 @@ def check_inputs(
     level_start_index: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
+    check_level_sizes: bool = True,
 ) -> tuple[int, int, int, int, int, int, int]:
     """Validate shapes once, with messages that name the offending argument.
 
+    check_level_sizes=False skips the sum(H*W) == S check, which reads spatial_shapes and
+    so would force a device sync when it lives on the GPU.
     Returns (N, S, heads, C_head, Lq, L, P).
     """
     if value.dim() != 4:
@@ -55,7 +58,7 @@ def check_inputs(
         raise ValueError(f"spatial_shapes must be [L={lvl}, 2], got {tuple(spatial_shapes.shape)}")
     if tuple(level_start_index.shape) != (lvl,):
         raise ValueError(f"level_start_index must be [L={lvl}], got {tuple(level_start_index.shape)}")
-    total = sum(h * w for h, w in _level_shapes(spatial_shapes))
+    total = sum(h * w for h, w in _level_shapes(spatial_shapes)) if check_level_sizes else s
     if total != s:
         raise ValueError(f"sum of H*W over levels is {total} but value has S={s} tokens")
     return n, s, m, d, lq, lvl, p

@@ -116,7 +116,9 @@ def ms_deform_attn(
     those of ms_deform_attn_pytorch (grid_sample bilinear, zeros padding, align_corners=False).
     """
     if selected_backend(value) == "cuda":
-        check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        # Reading GPU-resident spatial_shapes would cost a device sync on every call.
+        check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                     check_level_sizes=not spatial_shapes.is_cuda)
         return MSDeformAttnFunction.apply(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
