@@ -1,0 +1,486 @@
+"""Benchmark evaluation on Ray: mIoU of EBSeg (or of pseudo-labels) on the prepared benchmark layouts.
+
+Flow: list the (image, label) pairs of every requested benchmark (``ebseg_core.data``) -> Ray Data
+dataset of pairs -> an actor pool where each actor builds the model once and keeps one vocabulary per
+benchmark -> per image a sparse confusion matrix -> summed on the driver into one
+``SemSegEvaluator`` per benchmark (a sum, so the result does not depend on how the work was split)
+-> table printed and written as JSON/CSV.
+
+``evaluate_labels`` scores a label Parquet (``pipeline/schema.py``) against a benchmark instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import posixpath
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ebseg_core.data import Benchmark, BenchmarkError, Pair, get_benchmark, list_pairs, load_class_names
+from ebseg_core.evaluation import SemSegEvaluator
+
+#: Column titles of the printed table (the README's order: A-847, PC-459, A-150, PC-59, VOC).
+DISPLAY = {"ade847": "A-847", "pc459": "PC-459", "ade150": "A-150", "pc59": "PC-59", "voc20": "VOC",
+           "coco171": "COCO-171", "coco171-train": "COCO-171-train"}
+PREDICTORS = ("model", "ground-truth")
+
+
+class EvaluateError(RuntimeError):
+    """A user-facing failure of an evaluation run (printed without a traceback by the CLI)."""
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how (see ``ebseg evaluate --help``)."""
+
+    datasets: list[str]
+    root: str
+    preset: str = "ebseg-b"
+    checkpoint: str | None = None
+    random_weights: bool = False
+    num_actors: int | None = None
+    num_gpus_per_actor: float | None = None
+    num_cpus_per_actor: float | None = None
+    batch_size: int = 4
+    tta: bool = False
+    out: str | None = None
+    limit: int | None = None
+    inference_size: int | None = None
+    inference_max_size: int | None = None
+    class_names_file: str | None = None  # replace the benchmark's class list (one dataset only)
+    predictor: str = "model"  # "ground-truth": predicts the label itself (checks data + evaluator = 100)
+    torch_threads: int = 0
+
+    def __post_init__(self):
+        if not self.datasets:
+            raise EvaluateError("give at least one dataset (--dataset ade150,voc20)")
+        try:
+            self.benchmarks = [get_benchmark(d) for d in self.datasets]
+        except BenchmarkError as e:
+            raise EvaluateError(str(e)) from None
+        names = [b.name for b in self.benchmarks]
+        if len(set(names)) != len(names):
+            raise EvaluateError(f"a dataset is listed twice: {self.datasets}")
+        if self.predictor not in PREDICTORS:
+            raise EvaluateError(f"unknown predictor {self.predictor!r}; choose one of {PREDICTORS}")
+        if self.predictor == "model" and not self.checkpoint and not self.random_weights:
+            raise EvaluateError("give --checkpoint PATH_OR_URL (EBSeg weights), or --random-weights to time an "
+                                "untrained model (its mIoU is meaningless)")
+        if self.checkpoint and self.random_weights:
+            raise EvaluateError("--checkpoint and --random-weights exclude each other")
+        if self.class_names_file and len(self.benchmarks) != 1:
+            raise EvaluateError("--class-names replaces one benchmark's class list: evaluate one dataset")
+        if self.batch_size < 1:
+            raise EvaluateError("--batch-size must be at least 1")
+
+
+@dataclass
+class DatasetResult:
+    name: str
+    metrics: dict
+    num_images: int
+    seconds: float
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalReport:
+    results: list[DatasetResult]
+    model: dict
+    seconds: float
+    images_per_second: float
+
+    @property
+    def ok(self) -> bool:
+        return all(not r.errors for r in self.results)
+
+
+# ------------------------------------------------------------------------------------------------
+# per-image work (runs in Ray actors; also callable directly)
+# ------------------------------------------------------------------------------------------------
+def read_label(uri: str) -> np.ndarray:
+    """A prepared label file (PNG 8-bit or TIFF 16-bit) as an integer array."""
+    from PIL import Image
+
+    from pipeline.storage import read_bytes
+
+    with Image.open(io.BytesIO(read_bytes(uri))) as im:
+        arr = np.asarray(im)
+    if arr.ndim != 2:
+        raise ValueError(f"{uri}: label must be a single-channel image, got shape {arr.shape}")
+    return arr
+
+
+def sparse_confusion(pred, gt, num_classes: int, ignore_label: int) -> tuple[np.ndarray, np.ndarray]:
+    """Non-zero cells of one image's confusion matrix: flat indices (int32) and counts (int64)."""
+    from ebseg_core.evaluation import confusion_matrix
+
+    m = confusion_matrix(pred, gt, num_classes, ignore_label).reshape(-1)
+    idx = np.flatnonzero(m)
+    return idx.astype(np.int32), m[idx].astype(np.int64)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What an actor needs per benchmark: its class list and label semantics."""
+
+    name: str
+    synonyms: list[list[str]]
+    ignore_label: int
+
+
+class Scorer:
+    """Ray Data callable class: one model per actor, one vocabulary per benchmark; scores batches."""
+
+    def __init__(self, cfg: EvalConfig, specs: dict[str, DatasetSpec]):
+        import torch
+
+        from ebseg_core import Vocabulary
+
+        if cfg.torch_threads > 0:
+            torch.set_num_threads(cfg.torch_threads)
+        self.cfg = cfg
+        self.specs = specs
+        self.torch = torch
+        self.vocabs = {k: Vocabulary.from_names(s.synonyms) for k, s in specs.items()}
+        self.model = None
+        if cfg.predictor == "model":
+            from ebseg_core import build_model
+
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self.model = build_model(model_config(cfg), checkpoint=cfg.checkpoint)
+            self.model.to(self.device).eval()
+
+    def _predict(self, images: list[np.ndarray], labels: list[np.ndarray], dataset: str) -> list[np.ndarray]:
+        if self.model is None:  # ground-truth predictor: the label itself, ignored pixels -> class 0
+            ign = self.specs[dataset].ignore_label
+            return [np.where(lab == ign, 0, lab).astype(np.int64) for lab in labels]
+        torch = self.torch
+        amp = None
+        if self.device.type == "cuda":
+            amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        with torch.inference_mode():
+            if self.cfg.tta:
+                from ebseg_core.tta import segment_tta
+
+                outs = segment_tta(self.model, images, self.vocabs[dataset], batch_size=self.cfg.batch_size,
+                                   autocast_dtype=amp)
+            else:
+                outs = self.model.segment(images, self.vocabs[dataset], batch_size=self.cfg.batch_size,
+                                          autocast_dtype=amp)
+        return [o.label_map.cpu().numpy() for o in outs]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from pipeline.images import decode_image
+        from pipeline.storage import read_bytes
+
+        n = len(batch["key"])
+        out: dict[str, list] = {"dataset": [], "key": [], "cm_index": [], "cm_count": [], "error": [],
+                                "seconds": []}
+        loaded: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        errors: dict[int, str] = {}
+        for i in range(n):
+            try:
+                label = read_label(str(batch["label_uri"][i]))
+                image = decode_image(read_bytes(str(batch["image_uri"][i])))
+                if image.shape[:2] != label.shape:
+                    raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} but its label "
+                                     f"{label.shape[1]}x{label.shape[0]}")
+                loaded.setdefault(str(batch["dataset"][i]), []).append((i, image, label))
+            except Exception as e:  # recorded per image; the run reports them and fails
+                errors[i] = f"{batch['image_uri'][i]}: {type(e).__name__}: {e}"
+        results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        seconds: dict[int, float] = {}
+        for ds, items in loaded.items():
+            t0 = time.perf_counter()
+            preds = self._predict([x[1] for x in items], [x[2] for x in items], ds)
+            dt = (time.perf_counter() - t0) / max(1, len(items))
+            spec = self.specs[ds]
+            for (i, _, label), pred in zip(items, preds):
+                try:
+                    results[i] = sparse_confusion(pred, label, len(spec.synonyms), spec.ignore_label)
+                    seconds[i] = dt
+                except Exception as e:
+                    errors[i] = f"{batch['label_uri'][i]}: {type(e).__name__}: {e}"
+        for i in range(n):
+            idx, cnt = results.get(i, (np.zeros(0, np.int32), np.zeros(0, np.int64)))
+            out["dataset"].append(str(batch["dataset"][i]))
+            out["key"].append(str(batch["key"][i]))
+            out["cm_index"].append(idx if i not in errors else np.zeros(0, np.int32))
+            out["cm_count"].append(cnt if i not in errors else np.zeros(0, np.int64))
+            out["error"].append(errors.get(i, ""))
+            out["seconds"].append(seconds.get(i, 0.0))
+        return out
+
+
+def model_config(cfg: EvalConfig):
+    """The preset's config with the inference-size overrides applied."""
+    from ebseg_core import preset_config
+
+    mc = preset_config(cfg.preset)
+    changes: dict[str, int] = {}
+    if cfg.inference_size:
+        changes["test_min_size"] = cfg.inference_size
+        changes["test_max_size"] = cfg.inference_max_size or max(mc.test_max_size, cfg.inference_size)
+    elif cfg.inference_max_size:
+        changes["test_max_size"] = cfg.inference_max_size
+    import dataclasses
+
+    return dataclasses.replace(mc, **changes) if changes else mc
+
+
+# ------------------------------------------------------------------------------------------------
+# driver
+# ------------------------------------------------------------------------------------------------
+def _ensure_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:  # embedded local Ray; logical CPUs > cores so the actors never starve the read tasks
+        cpus = os.cpu_count() or 2
+        ray.init(address="local", num_cpus=max(4, 2 * cpus), include_dashboard=False, log_to_driver=True)
+
+
+def _resources(cfg: EvalConfig, num_items: int) -> tuple[int, float, float]:
+    import ray
+
+    res = ray.cluster_resources()
+    gpus = float(res.get("GPU", 0))
+    cpus = float(res.get("CPU", 1))
+    g = cfg.num_gpus_per_actor if cfg.num_gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    if g > gpus:
+        raise EvaluateError(f"--num-gpus-per-actor {g:g} but the Ray cluster has {gpus:g} GPUs")
+    if cfg.predictor != "model":
+        g = 0.0
+    n = cfg.num_actors or (max(1, int(gpus // g)) if g > 0 else 1)
+    n = max(1, min(n, num_items))
+    c = cfg.num_cpus_per_actor if cfg.num_cpus_per_actor is not None else (
+        1.0 if g > 0 else max(0.25, min(1.0, (cpus - 1.0) / n)))
+    return n, g, c
+
+
+def dataset_specs(cfg: EvalConfig) -> dict[str, DatasetSpec]:
+    specs = {}
+    for b in cfg.benchmarks:
+        try:
+            names = load_class_names(cfg.class_names_file or b.classes)
+        except BenchmarkError as e:
+            raise EvaluateError(str(e)) from None
+        if len(names) != b.num_classes:
+            raise EvaluateError(f"{b.name} has {b.num_classes} classes but the class list has {len(names)}")
+        specs[b.name] = DatasetSpec(b.name, names, b.ignore_label)
+    return specs
+
+
+def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalReport:
+    """Evaluate every requested benchmark; print, save and return the results."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    specs = dataset_specs(cfg)
+    rows = []
+    for b in cfg.benchmarks:
+        try:
+            pairs = list_pairs(b, cfg.root, limit=cfg.limit)
+        except BenchmarkError as e:
+            raise EvaluateError(str(e)) from None
+        log(f"{b.name}: {len(pairs)} images under {cfg.root}")
+        rows += [{"dataset": b.name, "key": p.key, "image_uri": p.image_uri, "label_uri": p.label_uri}
+                 for p in pairs]
+    _ensure_ray()
+    n, g, c = _resources(cfg, len(rows))
+    log(f"{n} actor(s), {g:g} GPU and {c:g} CPU each; predictor: {cfg.predictor}"
+        + (f", model {cfg.preset}" if cfg.predictor == "model" else "") + (", TTA" if cfg.tta else ""))
+    t0 = time.perf_counter()
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * n)))
+    ds = ds.map_batches(Scorer, fn_constructor_kwargs={"cfg": cfg, "specs": specs}, batch_size=cfg.batch_size,
+                        batch_format="numpy", compute=ActorPoolStrategy(size=n), num_gpus=g, num_cpus=c)
+    evaluators = {b.name: SemSegEvaluator(b.num_classes, b.ignore_label, [s[0] for s in specs[b.name].synonyms])
+                  for b in cfg.benchmarks}
+    errors: dict[str, list[str]] = {b.name: [] for b in cfg.benchmarks}
+    seconds: dict[str, float] = {b.name: 0.0 for b in cfg.benchmarks}
+    first_done = None
+    for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
+        first_done = first_done or time.perf_counter()
+        for d, idx, cnt, err, sec in zip(batch["dataset"], batch["cm_index"], batch["cm_count"], batch["error"],
+                                         batch["seconds"]):
+            ev = evaluators[str(d)]
+            if err:
+                errors[str(d)].append(str(err))
+                continue
+            flat = np.zeros(ev.matrix.size, np.int64)
+            np.add.at(flat, np.asarray(idx, np.int64), np.asarray(cnt, np.int64))
+            ev.add_matrix(flat.reshape(ev.matrix.shape))
+            seconds[str(d)] += float(sec)
+    wall = time.perf_counter() - t0
+    results = [DatasetResult(b.name, evaluators[b.name].compute(), evaluators[b.name].num_images,
+                             seconds[b.name], errors[b.name]) for b in cfg.benchmarks]
+    total = sum(r.num_images for r in results)
+    report = EvalReport(results, _model_info(cfg), wall, total / wall if wall > 0 else 0.0)
+    for line in format_table(report):
+        log(line)
+    if cfg.out:
+        for url in save_report(report, cfg.out):
+            log(f"wrote {url}")
+    for r in results:
+        for e in r.errors[:5]:
+            log(f"error: {e}")
+    return report
+
+
+def _model_info(cfg: EvalConfig) -> dict:
+    info = {"predictor": cfg.predictor, "tta": cfg.tta}
+    if cfg.predictor == "model":
+        info.update({"preset": cfg.preset, "checkpoint": cfg.checkpoint, "random_weights": cfg.random_weights,
+                     "inference_size": cfg.inference_size, "inference_max_size": cfg.inference_max_size})
+    return info
+
+
+def _fmt(x: float) -> str:
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}"
+
+
+def format_table(report: EvalReport) -> list[str]:
+    """The README-style table: one mIoU column per benchmark, then a detail line per benchmark."""
+    m = report.model
+    label = m.get("preset", m["predictor"]) + (" +TTA" if m.get("tta") else "")
+    heads = [DISPLAY.get(r.name, r.name) for r in report.results]
+    lines = ["| Model | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads),
+             f"| {label} | " + " | ".join(_fmt(r.metrics["mIoU"]) for r in report.results) + " |", ""]
+    for r in report.results:
+        mt = r.metrics
+        lines.append(f"{r.name}: mIoU {_fmt(mt['mIoU'])}  fwIoU {_fmt(mt['fwIoU'])}  mACC {_fmt(mt['mACC'])}  "
+                     f"pACC {_fmt(mt['pACC'])}  images {r.num_images}"
+                     + (f"  FAILED {len(r.errors)}" if r.errors else ""))
+    lines.append(f"{sum(r.num_images for r in report.results)} images in {report.seconds:.1f} s "
+                 f"({report.images_per_second:.2f} images/s)")
+    return lines
+
+
+def _nan_to_none(x):
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def save_report(report: EvalReport, out: str) -> list[str]:
+    """Write ``results.json``, ``summary.csv`` and ``per_class_<dataset>.csv`` under ``out``."""
+    from pipeline.storage import atomic_write_bytes, join
+
+    written = []
+    doc = {"model": report.model, "seconds": report.seconds, "images_per_second": report.images_per_second,
+           "datasets": {}}
+    for r in report.results:
+        mt = {k: ([_nan_to_none(v) for v in val] if isinstance(val, list) and k in ("IoU", "ACC") else
+                  _nan_to_none(val)) for k, val in r.metrics.items()}
+        doc["datasets"][r.name] = {**mt, "errors": r.errors, "model_seconds": r.seconds}
+    written.append(atomic_write_bytes(join(out, "results.json"), json.dumps(doc, indent=1).encode()))
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["dataset", "mIoU", "fwIoU", "mACC", "pACC", "images", "failed"])
+    for r in report.results:
+        mt = r.metrics
+        w.writerow([r.name] + [_fmt_csv(mt[k]) for k in ("mIoU", "fwIoU", "mACC", "pACC")]
+                   + [r.num_images, len(r.errors)])
+    written.append(atomic_write_bytes(join(out, "summary.csv"), buf.getvalue().encode()))
+    for r in report.results:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["class_id", "class_name", "IoU", "ACC"])
+        names = r.metrics.get("class_names") or [str(i) for i in range(len(r.metrics["IoU"]))]
+        for i, (nm, iou, acc) in enumerate(zip(names, r.metrics["IoU"], r.metrics["ACC"])):
+            w.writerow([i, nm, _fmt_csv(iou), _fmt_csv(acc)])
+        written.append(atomic_write_bytes(join(out, f"per_class_{r.name}.csv"), buf.getvalue().encode()))
+    return written
+
+
+def _fmt_csv(x) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+# ------------------------------------------------------------------------------------------------
+# pseudo-label evaluation
+# ------------------------------------------------------------------------------------------------
+def _stem(uri: str) -> str:
+    return posixpath.splitext(posixpath.basename(str(uri).replace("\\", "/")))[0]
+
+
+def evaluate_labels(labels_url: str, dataset: str, root: str, out: str | None = None,
+                    class_names_file: str | None = None, log: Callable[[str], None] = print) -> EvalReport:
+    """Score a label Parquet (rows matched to ground truth by image file name stem) on a benchmark.
+
+    The Parquet's class ids must index the benchmark's class list: label with the same preset
+    (``--vocabulary-preset ade150``). Ground-truth images without a label row count as failures.
+    """
+    import pyarrow.dataset as pads
+
+    from pipeline.schema import decode_label_png, list_parquet_files, read_metadata
+
+    try:
+        b: Benchmark = get_benchmark(dataset)
+        names = load_class_names(class_names_file or b.classes)
+        pairs = list_pairs(b, root)
+    except BenchmarkError as e:
+        raise EvaluateError(str(e)) from None
+    try:
+        files, fs = list_parquet_files(labels_url)
+        meta = read_metadata(labels_url)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise EvaluateError(f"cannot read label Parquet at {labels_url}: {e}") from None
+    if meta.names and [n.lower() for n in meta.names] != [s[0].lower() for s in names]:
+        raise EvaluateError(
+            f"the labels' vocabulary ({meta.num_classes} classes, first {meta.names[:3]}) is not {b.name}'s "
+            f"class list ({len(names)} classes, first {[s[0] for s in names[:3]]}); label with "
+            f"--vocabulary-preset {b.classes}")
+    by_stem = {_stem(p.image_uri): p for p in pairs}
+    ev = SemSegEvaluator(b.num_classes, b.ignore_label, [s[0] for s in names])
+    errors: list[str] = []
+    seen: set[str] = set()
+    t0 = time.perf_counter()
+    dset = pads.dataset(files, format="parquet", filesystem=fs)
+    for rb in dset.to_batches(columns=["uri", "status", "label_png"], batch_size=64):
+        d = rb.to_pydict()
+        for uri, status, png in zip(d["uri"], d["status"], d["label_png"]):
+            pair = by_stem.get(_stem(uri))
+            if pair is None or pair.key in seen:
+                continue
+            seen.add(pair.key)
+            if status != "ok" or png is None:
+                errors.append(f"{uri}: label row has status {status!r}")
+                continue
+            try:
+                pred = decode_label_png(png).astype(np.int64)
+                gt = read_label(pair.label_uri)
+                ev.process(pred, gt)
+            except Exception as e:
+                errors.append(f"{uri}: {type(e).__name__}: {e}")
+    missing = [p.image_uri for p in pairs if p.key not in seen]
+    errors += [f"{u}: no label row for this image" for u in missing]
+    wall = time.perf_counter() - t0
+    res = DatasetResult(b.name, ev.compute(), ev.num_images, wall, errors)
+    report = EvalReport([res], {"predictor": "labels", "labels": labels_url, "tta": False}, wall,
+                        ev.num_images / wall if wall > 0 else 0.0)
+    for line in format_table(report):
+        log(line)
+    if out:
+        for url in save_report(report, out):
+            log(f"wrote {url}")
+    for e in errors[:5]:
+        log(f"error: {e}")
+    return report
+
+
+def config_dict(cfg: EvalConfig) -> dict:
+    d = asdict(cfg)
+    d.pop("benchmarks", None)
+    return d
