@@ -165,6 +165,62 @@ def test_extension_name_is_keyed_by_sources_and_arch():
     ]
 
 
+def test_build_reports_missing_toolkit(monkeypatch):
+    monkeypatch.setattr(msda_build, "_module", None)
+    monkeypatch.setattr(msda_build, "_error", None)
+    monkeypatch.setattr(msda_build, "cuda_home", lambda: None)
+    with pytest.raises(msda_build.BuildError, match="no CUDA toolkit"):
+        msda_build.build()
+    assert "no CUDA toolkit" in msda_build.last_error()
+
+
+class _FakeExtension:
+    """Stands in for the compiled module to test the autograd glue on CPU.
+
+    It asserts the argument contract the C++ side checks (float32 locations/weights, int64
+    shapes, contiguous) and computes with the reference path.
+    """
+
+    def __init__(self):
+        self.calls = []
+
+    def _check(self, value, shapes, starts, loc, attn):
+        assert shapes.dtype == starts.dtype == torch.int64
+        assert loc.dtype == attn.dtype == torch.float32
+        assert all(t.is_contiguous() for t in (value, shapes, starts, loc, attn))
+
+    def forward(self, value, shapes, starts, loc, attn):
+        self._check(value, shapes, starts, loc, attn)
+        self.calls.append("forward")
+        return ms_deform_attn_pytorch(value.float(), shapes, starts, loc, attn).to(value.dtype)
+
+    def backward(self, value, shapes, starts, loc, attn, grad_out):
+        self._check(value, shapes, starts, loc, attn)
+        assert grad_out.dtype == value.dtype and grad_out.is_contiguous()
+        self.calls.append("backward")
+        with torch.enable_grad():  # backward runs under no_grad (once_differentiable)
+            ins = [t.detach().float().requires_grad_(True) for t in (value, loc, attn)]
+            ms_deform_attn_pytorch(ins[0], shapes, starts, ins[1], ins[2]).backward(grad_out.float())
+        return ins[0].grad.to(value.dtype), ins[1].grad, ins[2].grad
+
+
+def test_autograd_function_glue_with_fake_extension(monkeypatch):
+    fake = _FakeExtension()
+    monkeypatch.setattr(msda_build, "build", lambda verbose=False: fake)
+    value, ss, lsi, loc, attn = make_inputs(1, [(6, 5), (3, 3)], heads=2, ch=4, lq=7, points=2, oob=0.1)
+    value = value.to(torch.bfloat16).transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous
+    loc = loc.double().requires_grad_(True)
+    attn = attn.to(torch.bfloat16).requires_grad_(True)
+    value.requires_grad_(True)
+    out = cuda_ops.MSDeformAttnFunction.apply(value, ss.int(), lsi.int(), loc, attn)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 7, 8)
+    out.float().sum().backward()
+    assert fake.calls == ["forward", "backward"]
+    assert value.grad.dtype == torch.bfloat16 and value.grad.shape == value.shape
+    assert loc.grad.dtype == torch.float64 and attn.grad.dtype == torch.bfloat16
+    assert loc.grad.abs().sum() > 0 and attn.grad.abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------- compile only
 
 
