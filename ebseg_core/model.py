@@ -294,7 +294,8 @@ class EBSeg(nn.Module):
         """Segment RGB images with a vocabulary; results at each image's original size.
 
         Images are batched only with images of the same padded size, so every result equals the
-        one-image-at-a-time result of the official evaluation.
+        one-image-at-a-time result of the official evaluation. `autocast_dtype` (e.g. torch.bfloat16)
+        runs the model under autocast; the pixel decoder and the final scores stay in float32.
         """
         prepared = [self.prepare_image(img) for img in images]
         d = self.config.size_divisibility
@@ -303,11 +304,11 @@ class EBSeg(nn.Module):
             key = (-(-t.shape[-2] // d), -(-t.shape[-1] // d))
             groups.setdefault(key, []).append(k)
         results: list[Segmentation | None] = [None] * len(images)
-        use_amp = autocast_dtype is not None and self.device.type == "cuda"
+        use_amp = autocast_dtype is not None
         for idxs in groups.values():
             for start in range(0, len(idxs), max(1, batch_size)):
                 chunk = idxs[start: start + batch_size]
-                with torch.autocast("cuda", dtype=autocast_dtype or torch.float16, enabled=use_amp):
+                with torch.autocast(self.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=use_amp):
                     mask_cls_log, mask_pred, padded = self.predict_masks([prepared[k] for k in chunk], vocab)
                 mask_cls_log, mask_pred = mask_cls_log.float(), mask_pred.float()
                 mask_pred = F.interpolate(mask_pred, size=padded, mode="bilinear", align_corners=False)

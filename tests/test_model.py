@@ -197,3 +197,17 @@ def test_sam_checkpoint_maps_onto_backbone(tmp_path):
     with pytest.raises(CheckpointError):
         torch.save({"image_encoder.pos_embed": torch.zeros(1)}, tmp_path / "bad.pth")
         load_sam_weights(model, str(tmp_path / "bad.pth"))
+
+
+def test_autocast_bfloat16_stays_close_to_float32():
+    model = _tiny()
+    vocab = Vocabulary.parse("a,b,c").with_seen([True, False, True])
+    images = [blob_image(100, 120, seed=s, num_classes=3)[0] for s in (7, 8)]
+    full = model.segment(images, vocab, return_scores=True)
+    half = model.segment(images, vocab, return_scores=True, autocast_dtype=torch.bfloat16)
+    for a, b in zip(full, half):
+        assert b.scores.dtype == torch.float32
+        # bfloat16 keeps ~3 significant digits: scores agree to autocast noise, labels almost everywhere.
+        relative = float((a.scores - b.scores).abs().mean() / a.scores.abs().mean())
+        assert relative < 0.02, relative
+        assert float((a.label_map == b.label_map).float().mean()) > 0.9
