@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,10 +86,13 @@ class Vocabulary:
     @classmethod
     def from_file(cls, path: str | Path) -> "Vocabulary":
         """One class per line, synonyms separated by ';' (ours) or the official 'id:name,syn,...' format."""
-        p = Path(path)
-        if not p.is_file():
-            raise VocabularyError(f"vocabulary file not found: {path}")
-        return cls(tuple(parse_class_lines(p.read_text(encoding="utf-8").splitlines(), str(p))), source=str(p))
+        from .data.benchmarks import BenchmarkError, read_class_names_file
+
+        try:
+            classes = read_class_names_file(path)
+        except BenchmarkError as e:
+            raise VocabularyError(str(e)) from None
+        return cls(tuple(tuple(c) for c in classes), source=str(path))
 
     @classmethod
     def preset(cls, key: str) -> "Vocabulary":
@@ -129,7 +132,11 @@ class Vocabulary:
         if self.seen is not None:
             return list(self.seen)
         if train_synonyms is None:
-            train_synonyms = [list(s) for s in Vocabulary.preset("coco171").synonyms]
+            from .data.benchmarks import load_class_names
+
+            # EBSEG_TRAIN_CLASS_NAMES: a training class list with synonyms (e.g. the official
+            # coco_2017_train_stuff_sem_seg.txt) to reproduce the released models' seen/unseen split.
+            train_synonyms = load_class_names(os.environ.get("EBSEG_TRAIN_CLASS_NAMES", "coco171"))
         train = {s for syns in train_synonyms for s in syns}
         return [not train.isdisjoint(syns) for syns in self.synonyms]
 
@@ -139,21 +146,3 @@ class Vocabulary:
 
 def _split_synonyms(text: str, sep: str) -> tuple[str, ...]:
     return tuple(s for s in (x.strip() for x in text.split(sep)) if s)
-
-
-_OFFICIAL_LINE = re.compile(r"^\s*\d+\s*:(.*)$")
-
-
-def parse_class_lines(lines: list[str], where: str = "class list") -> list[tuple[str, ...]]:
-    classes = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        m = _OFFICIAL_LINE.match(line)
-        syns = _split_synonyms(m.group(1), ",") if m else _split_synonyms(line, ";")
-        if not syns:
-            raise VocabularyError(f"{where}:{n}: empty class name")
-        classes.append(syns)
-    if not classes:
-        raise VocabularyError(f"{where}: no class names found")
-    return classes

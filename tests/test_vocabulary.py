@@ -54,3 +54,11 @@ def test_seen_flags_from_any_shared_synonym():
 def test_unknown_preset_names_choices():
     with pytest.raises(VocabularyError, match="ade150"):
         Vocabulary.preset("imagenet")
+
+
+def test_training_class_list_override(tmp_path, monkeypatch):
+    official = tmp_path / "coco_train.txt"
+    official.write_text("1:person,man\n2:wall-other,wall\n")
+    v = Vocabulary.parse("wall;walls,lamp")
+    monkeypatch.setenv("EBSEG_TRAIN_CLASS_NAMES", str(official))
+    assert v.seen_flags() == [True, False]
