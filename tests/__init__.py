@@ -1,0 +1,1 @@
+"""Test suite; ``tests.corpus`` holds the synthetic image helpers the tests share."""
