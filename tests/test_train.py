@@ -1,0 +1,299 @@
+"""Training pipeline: config handling, solver pieces, bad-data errors (fast) and real Ray Train runs (slow):
+two nodes + moto S3 (loss goes down, validation mIoU above chance, resume after an injected failure
+with the checkpoint's exact optimizer state) and a `ray job submit` of jobs.train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.train import (
+    ConfigError,
+    SolverConfig,
+    apply_overrides,
+    confusion_matrix,
+    config_from_dict,
+    load_config,
+    miou_from_confusion,
+    param_groups,
+    poly_lr_factor,
+    prepare,
+)
+from tests.conftest import REPO_ROOT, _stop_head, free_port
+from tests.corpus import write_blob_images
+
+CONFIGS = REPO_ROOT / "configs"
+CLASS_NAMES = "wall\nsky;heaven\ntree\ngrass\n"
+
+
+# ------------------------------------------------------------------------------------------------ fast
+def test_official_configs_load_with_the_official_recipe():
+    b = load_config(str(CONFIGS / "ebseg_b_coco171.yaml"))
+    l = load_config(str(CONFIGS / "ebseg_l_coco171.yaml"))
+    assert (b.solver.base_lr, b.solver.weight_decay, b.solver.clip_grad_norm) == (1e-4, 0.05, 0.01)
+    assert (b.solver.ims_per_batch, b.solver.max_iter, b.solver.poly_power) == (16, 120000, 0.9)
+    assert b.augment.min_sizes == (320, 384, 448, 512, 576, 640, 704, 768, 832, 896, 960)
+    assert b.augment.crop_size == (640, 640) and b.criterion.num_points == 12544
+    assert l.model.preset == "ebseg-l" and l.solver.base_lr == 8e-5 and l.data.layout == "coco171"
+    tiny = load_config(str(CONFIGS / "tiny_generic.yaml"), ["solver.max_iter=7", "run.use_gpu=false"])
+    assert tiny.solver.max_iter == 7 and tiny.model.preset == "ebseg-tiny"
+
+
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'solver.lr'"):
+        config_from_dict({"solver": {"lr": 1}})
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["solver.max_iter"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="crop_size"):
+        config_from_dict({"augment": {"crop_size": [800, 800]}})
+
+
+def test_poly_lr_and_warmup():
+    s = SolverConfig(max_iter=100, poly_power=0.9)
+    assert poly_lr_factor(0, s) == 1.0
+    assert math.isclose(poly_lr_factor(50, s), 0.5**0.9)
+    assert poly_lr_factor(100, s) == 0.0
+    w = SolverConfig(max_iter=100, warmup_iters=10, warmup_factor=0.1)
+    assert math.isclose(poly_lr_factor(0, w), 0.1) and math.isclose(poly_lr_factor(5, w), 0.55 * 0.95**0.9)
+
+
+def test_param_groups_follow_official_decay_rules():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+            self.norm = torch.nn.LayerNorm(2)
+            self.pos_embed = torch.nn.Parameter(torch.zeros(3))
+            self.clip_proj = torch.nn.Linear(2, 2)
+            self.frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+
+    s = SolverConfig(base_lr=1.0, weight_decay=0.05, clip_multiplier=0.5)
+    groups = {g["name"]: g for g in param_groups(M(), s)}
+    assert "frozen.weight" not in groups
+    assert groups["lin.weight"]["weight_decay"] == 0.05 and groups["norm.weight"]["weight_decay"] == 0.0
+    assert groups["pos_embed"]["weight_decay"] == 0.0
+    assert groups["clip_proj.weight"]["lr"] == 0.5 and groups["lin.bias"]["lr"] == 1.0
+
+
+def test_miou_like_detectron2():
+    gt = np.array([[0, 0, 1, 255]])
+    pred = np.array([[0, 1, 1, 2]])
+    conf = confusion_matrix(pred, gt, 3)
+    assert conf.sum() == 3
+    # class 0: 1/2, class 1: 1/2, class 2 never in gt nor pred (ignored pixel does not count).
+    assert math.isclose(miou_from_confusion(conf), 0.5)
+
+
+def _generic_dataset(root: Path, n: int, seed: int, names: str = CLASS_NAMES, num_classes: int = 4):
+    write_blob_images(root, n, sizes=((128, 128), (112, 144)), num_classes=num_classes, seed=seed)
+    (root / "class_names.txt").write_text(names)
+
+
+def _run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    from jobs import train as job
+
+    parser = argparse.ArgumentParser()
+    job.add_arguments(parser)
+    rc = job.run(parser.parse_args(argv))
+    return rc, capsys.readouterr().err
+
+
+def test_bad_datasets_give_named_errors_before_any_worker_starts(tmp_path, capsys):
+    cfg = str(CONFIGS / "tiny_generic.yaml")
+    data = tmp_path / "d"
+    _generic_dataset(data, 4, seed=0)
+    (data / "labels" / "blob_00002.png").unlink()
+    rc, err = _run_cli(["--config", cfg, "--set", f"data.train={data}"], capsys)
+    assert rc == 2 and "blob_00002" in err and "no label file" in err and "Traceback" not in err
+
+    data2 = tmp_path / "d2"
+    _generic_dataset(data2, 4, seed=0, names="wall\nsky\ntree\n")  # labels use 4 classes
+    rc, err = _run_cli(["--config", cfg, "--set", f"data.train={data2}"], capsys)
+    assert rc == 2 and "has value 3 but the dataset has 3 classes" in err
+
+    rc, err = _run_cli(["--config", cfg, "--set", f"data.train={data2}", "data.vocabulary=a,b"], capsys)
+    assert rc == 2 and "lists 3 classes but the vocabulary" in err
+
+    (data / "images" / "blob_00000.jpg").write_bytes(b"garbage")
+    rc, err = _run_cli(["--config", cfg, "--set", f"data.train={data}", "data.skip_bad=true"], capsys)
+    assert rc == 2 and "unreadable image" in err and "blob_00000.jpg" in err
+
+    rc, err = _run_cli(["--config", cfg, "--set", "solver.ims_per_batch=3", f"data.train={data2}"], capsys)
+    assert rc == 2 and "not divisible" in err
+
+    rc, err = _run_cli(["--config", cfg, "--set", "solver.nope=1"], capsys)
+    assert rc == 2 and "unknown config key 'solver.nope'" in err
+
+
+def test_prepare_lists_remote_dataset(s3, s3_prefix):
+    root = s3_prefix + "train"
+    write_blob_images(root, 5, sizes=((64, 64),))
+    s3.fs.pipe_file(root.split("://", 1)[1] + "/class_names.txt", CLASS_NAMES.encode())
+    cfg = load_config(str(CONFIGS / "tiny_generic.yaml"), [f"data.train={root}"])
+    payload = prepare(cfg)
+    assert len(payload["samples"]) == 5 and payload["samples"][0][0].startswith("s3://")
+    assert json.loads(payload["vocabulary"])["synonyms"][1] == ["sky", "heaven"]
+
+
+# ------------------------------------------------------------------------------------------------ slow
+def _ray_exe() -> str:
+    exe = Path(sys.executable).parent / "ray"
+    return str(exe if exe.exists() else shutil.which("ray"))
+
+
+@pytest.fixture(scope="module")
+def two_nodes(s3, tmp_path_factory):
+    """A head node and a second node (4 logical CPUs each) started with `ray start` on loopback."""
+    env = {
+        **os.environ,
+        **s3.env,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",  # loopback test cluster: no token files to distribute between nodes
+        "PYTHONPATH": os.pathsep.join(p for p in [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")] if p),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="rayt", dir="/tmp")
+    logs = tmp_path_factory.mktemp("two_nodes")
+    port = free_port()
+
+    def node(extra: list[str], name: str) -> subprocess.Popen:
+        cmd = [
+            _ray_exe(), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=4",
+            "--object-store-memory=400000000", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}", *extra,
+        ]  # fmt: skip
+        return subprocess.Popen(
+            cmd, env=env, stdout=open(logs / f"{name}.log", "wb"), stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(REPO_ROOT),
+        )  # fmt: skip
+
+    head = node(["--head", f"--port={port}", "--include-dashboard=false", f"--ray-client-server-port={free_port()}"], "head")
+    procs = [head]
+    try:
+        address = f"127.0.0.1:{port}"
+        time.sleep(5)
+        procs.append(node([f"--address={address}", "--min-worker-port=21000", "--max-worker-port=21999"], "worker"))
+        deadline = time.time() + 120
+        while True:
+            out = subprocess.run(
+                [_ray_exe(), "status", f"--address={address}"], env=env, capture_output=True, text=True
+            ).stdout
+            if out.count("node_") >= 2 and "8.0 CPU" in out.replace("0.0/8.0 CPU", "8.0 CPU"):
+                break
+            if time.time() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"two-node cluster not ready:\n{out}\n{(logs / 'head.log').read_text()[-3000:]}")
+            time.sleep(2)
+        yield address, env
+    finally:
+        for p in reversed(procs):
+            _stop_head(p, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _chance_miou(val_root: Path, num_classes: int) -> float:
+    """Best mIoU of trivial predictors (one constant class, uniform random) on the validation set."""
+    from PIL import Image
+
+    labels = [np.asarray(Image.open(p)).astype(np.int64) for p in sorted((val_root / "labels").glob("*.png"))]
+    rng = np.random.default_rng(0)
+    scores = []
+    for c in range(num_classes):
+        conf = sum(confusion_matrix(np.full_like(l, c), l, num_classes) for l in labels)
+        scores.append(miou_from_confusion(conf))
+    conf = sum(confusion_matrix(rng.integers(0, num_classes, l.shape), l, num_classes) for l in labels)
+    scores.append(miou_from_confusion(conf))
+    return max(scores)
+
+
+def test_two_node_training_on_s3_learns_and_resumes_exactly(two_nodes, s3, s3_prefix, tmp_path):
+    address, env = two_nodes
+    train_url, val_url = s3_prefix + "train", s3_prefix + "val"
+    local_val = tmp_path / "val"
+    _generic_dataset(local_val, 8, seed=1000)
+    s3.fs.put(str(local_val), val_url.split("://", 1)[1], recursive=True)
+    local_train = tmp_path / "train"
+    _generic_dataset(local_train, 32, seed=0)
+    s3.fs.put(str(local_train), train_url.split("://", 1)[1], recursive=True)
+    shutil.rmtree(local_train)  # nothing local: workers and driver read the bucket
+    result_json = tmp_path / "result.json"
+    storage = s3_prefix + "runs"
+    cmd = [
+        sys.executable, "-m", "jobs.train", "--address", address, "--config", str(CONFIGS / "tiny_generic.yaml"),
+        "--result-json", str(result_json), "--set", f"data.train={train_url}", f"data.val={val_url}",
+        f"run.storage_path={storage}", "run.name=two-node", "run.num_workers=2", "run.placement_strategy=STRICT_SPREAD",
+        "solver.max_iter=24", "solver.ims_per_batch=4", "run.checkpoint_period=8", "run.log_period=4",
+        "run.val_period=24", "run.fail_at_iteration=10", "run.max_failures=1", "run.num_to_keep=5",
+    ]  # fmt: skip
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=900)
+    wall = time.time() - t0
+    (tmp_path / "driver.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads(result_json.read_text())
+    print(f"two-node run: {wall:.0f} s wall, {result['it_per_s']:.2f} it/s, val mIoU {result['val_miou']:.3f}")
+
+    # Both workers ran, on different nodes, and the run finished after one injected failure.
+    assert result["iteration"] == 24 and result["world_size"] == 2 and result["num_nodes"] == 2
+    assert result["resumed_from"] == 8
+
+    # Resume restored the exact optimizer state saved at iteration 8.
+    ckpts = sorted(p for p in s3.fs.ls(storage.split("://", 1)[1] + "/two-node") if p.rsplit("/", 1)[-1].startswith("checkpoint_2"))
+    states = {}
+    for c in ckpts:
+        with s3.fs.open(c + "/train_state.pt", "rb") as f:
+            st = torch.load(f, map_location="cpu", weights_only=False)
+        states[st["iteration"]] = st
+    assert {8, 16, 24} <= set(states)
+    assert result["resume_optimizer_digest"] == states[8]["optimizer_digest"]
+    assert states[24]["rng"] and len(states[24]["rng"]) == 2
+    assert set(states[24]["model"]) and all(not k.startswith("clip_rec_head.") for k in states[24]["model"])
+
+    # Loss goes down: the mean over the last reports is well below the first.
+    hist = result_history = result["loss_history"] if "loss_history" in result else states[24]["loss_history"]
+    assert [h[0] for h in hist][:2] == [4, 8] and hist[-1][0] == 24
+    first, last = hist[0][1], sum(h[1] for h in hist[-2:]) / 2
+    assert last < 0.85 * first, result_history
+
+    # Validation mIoU above the best trivial predictor on held-out images.
+    assert result["val_miou"] > _chance_miou(local_val, 4) + 0.05, result["val_miou"]
+
+
+def test_ray_job_submit_trains_and_leaves_checkpoint_in_bucket(ray_head, s3, s3_prefix, tmp_path):
+    train_url = s3_prefix + "train"
+    local = tmp_path / "train"
+    _generic_dataset(local, 4, seed=5)
+    s3.fs.put(str(local), train_url.split("://", 1)[1], recursive=True)
+    storage = s3_prefix + "runs"
+    cmd = [
+        _ray_exe(), "job", "submit", "--address", ray_head.dashboard_url, "--",
+        "python", "-m", "jobs.train", "--config", str(CONFIGS / "tiny_generic.yaml"), "--set",
+        f"data.train={train_url}", f"run.storage_path={storage}", "run.name=submitted", "run.num_workers=1",
+        "solver.ims_per_batch=2", "solver.max_iter=2", "run.checkpoint_period=2", "run.log_period=1",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=ray_head.env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "[train] iter 2/2" in out and "[train] done" in out
+    ckpts = [p for p in s3.fs.ls(storage.split("://", 1)[1] + "/submitted") if p.rsplit("/", 1)[-1].startswith("checkpoint_2")]
+    assert len(ckpts) == 1
+    assert s3.fs.exists(ckpts[0] + "/train_state.pt") and s3.fs.exists(ckpts[0] + "/meta.json")
+    meta = json.loads(s3.fs.cat_file(ckpts[0] + "/meta.json"))
+    assert meta["iteration"] == 2 and meta["preset"] == "ebseg-tiny"
