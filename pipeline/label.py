@@ -3,7 +3,7 @@
 Design (why, in short; docs/labeling.md has the long form):
 - Inputs come from a deterministic shard plan saved under ``<output>/_plan/`` (pipeline/listing.py):
   listing is streamed, bytes are read inside Ray tasks, never by the driver.
-- Stages: plan shard -> URIs (task) -> read + decode (tasks, threads for I/O overlap, transient
+- Stages: plan shard -> read + decode (tasks, threads for I/O overlap, transient
   storage errors retried with backoff, every failure an error row) -> EBSeg (actor pool: model
   and vocabulary embeddings loaded once per actor; Ray restarts dead actors and retries their
   batches) -> encode PNGs/stats and write a Parquet *fragment* per (batch, shard) (tasks).
@@ -29,7 +29,7 @@ import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -133,25 +133,7 @@ class LabelSummary:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 1: plan shard -> rows of URIs
-# ---------------------------------------------------------------------------------------------
-
-
-def expand_shards(batch: pa.Table) -> pa.Table:
-    """Read plan shard files (inside a Ray task) into one row per input still to label."""
-    shards, uris = [], []
-    for shard, plan_url, only in zip(batch.column("shard").to_pylist(), batch.column("plan_url").to_pylist(),
-                                     batch.column("only").to_pylist()):
-        wanted = set(only) if only else None
-        for uri in read_plan_shard(plan_url):
-            if wanted is None or uri in wanted:
-                shards.append(shard)
-                uris.append(uri)
-    return pa.table({"shard": pa.array(shards, pa.int32()), "uri": pa.array(uris, pa.string())})
-
-
-# ---------------------------------------------------------------------------------------------
-# Stage 2: read bytes (retries) + decode
+# Stage 1: plan shard -> read bytes (retries) + decode
 # ---------------------------------------------------------------------------------------------
 
 _TRANSIENT_MARKERS = (
@@ -202,6 +184,8 @@ def read_with_retries(uri: str, retries: int = 6, base_delay: float = 0.2, max_b
         except IsADirectoryError:
             raise ReadError(f"is a directory: {uri}") from None
         except Exception as exc:  # noqa: BLE001 - classified below
+            if "range is not satisfiable" in str(exc).lower() or "invalidrange" in str(exc).lower():
+                return b""  # a ranged GET of an empty object (S3 answers 416): the file is empty
             last = exc
             if not is_transient(exc) or attempt == retries:
                 break
@@ -239,13 +223,33 @@ def _read_decode_one(uri: str, max_pixels: int, max_bytes: int, retries: int) ->
     return row
 
 
-def read_decode_batch(batch: pa.Table, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
-                      retries: int = 6, threads: int = 8) -> pa.Table:
-    """Read and decode a batch of URIs with a few threads (I/O overlaps); one output row per input."""
-    uris = batch.column("uri").to_pylist()
-    shards = batch.column("shard").to_pylist()
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(uris)))) as pool:
-        rows = list(pool.map(lambda u: _read_decode_one(u, max_pixels, max_bytes, retries), uris))
+def read_shards(batch: pa.Table, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
+                retries: int = 6, threads: int = 8, chunk: int = 16) -> Iterator[pa.Table]:
+    """Ray task: read plan shards and yield decoded images ``chunk`` at a time (one row per input).
+
+    Each work item names a plan shard (and, on resume, the URIs of it still to do). Reading happens
+    here, in the cluster, never on the driver; a few threads overlap object-store latency.
+    Yielding per chunk keeps a task's memory at ``chunk`` decoded images whatever the shard size.
+    """
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for shard, plan_url, only in zip(batch.column("shard").to_pylist(), batch.column("plan_url").to_pylist(),
+                                         batch.column("only").to_pylist()):
+            wanted = set(only) if only else None
+            uris = [u for u in read_plan_shard(plan_url) if wanted is None or u in wanted]
+            for start in range(0, len(uris), chunk):
+                part = uris[start:start + chunk]
+                rows = list(pool.map(lambda u: _read_decode_one(u, max_pixels, max_bytes, retries), part))
+                yield _decoded_table([shard] * len(part), part, rows)
+
+
+def _read_task_args() -> dict:
+    """Remote args of read tasks. Passing them as a function also stops Ray Data from fusing the
+    reads into the model actors (it fuses map stages with equal resources), which would make the
+    GPU wait on storage."""
+    return {"scheduling_strategy": "SPREAD"}
+
+
+def _decoded_table(shards: list[int], uris: list[str], rows: list[dict]) -> pa.Table:
     return pa.table({
         "shard": pa.array(shards, pa.int32()),
         "uri": pa.array(uris, pa.string()),
@@ -292,6 +296,7 @@ class Labeler:
     """Ray Data callable class: builds EBSeg once per actor, then labels batches of decoded images."""
 
     def __init__(self, spec: ModelSpec, vocabulary: Any, test_exit: str | None = None):
+        t0 = time.time()
         import torch
 
         from ebseg_core import build_model
@@ -315,6 +320,8 @@ class Labeler:
         self.label_dtype = np.uint8 if len(vocabulary.names) <= 256 else np.uint16
         self.calls = 0
         self.test_exit = test_exit  # TEST ONLY (EBSEG_TEST_ACTOR_EXIT_AT_BATCH), see _maybe_test_exit
+        print(f"[label] model actor ready in {time.time() - t0:.1f} s: {self.model_id} on {self.device}, "
+              f"{len(vocabulary.names)} classes", flush=True)
 
     def _maybe_test_exit(self) -> None:
         """TEST ONLY: simulate an actor dying mid-job, once per marker file (used by tests/test_label*.py)."""
@@ -684,11 +691,11 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print) -> LabelSumm
         log(f"[label] {n_actors} model actor(s) x ({gpus:g} GPU, {cpus:g} CPU), batch size {cfg.batch_size}, "
             f"model {cfg.preset}{' (random weights)' if cfg.random_weights else ''}, {len(vinfo.names)} classes")
         ds = ray.data.from_items(items, override_num_blocks=min(len(items), 10_000))
-        ds = ds.map_batches(expand_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
-        ds = ds.map_batches(read_decode_batch, batch_size=cfg.read_batch_size, batch_format="pyarrow",
+        ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow",
                             fn_kwargs={"max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
-                                       "retries": cfg.read_retries, "threads": cfg.read_threads},
-                            num_cpus=0.5)
+                                       "retries": cfg.read_retries, "threads": cfg.read_threads,
+                                       "chunk": cfg.read_batch_size},
+                            num_cpus=1.0, ray_remote_args_fn=_read_task_args)
         # Fault tolerance of the actor pool: Ray Data creates its actors with max_restarts=-1 and
         # max_task_retries=-1 (ray/data/_internal/execution/operators/actor_pool_map_operator.py),
         # so a dead actor is restarted and its in-flight batch re-run; we rely on those defaults
