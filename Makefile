@@ -1,0 +1,21 @@
+# Entry points for people and CI. `make test` is exactly what CI runs (.ci/run).
+.PHONY: help setup test demo
+
+DEMO_VOCABULARY ?= person;astronaut,cat,coffee cup;cup,rocket,sky,ground;grass
+
+help:
+	@echo "make setup   create/update .venv (uv or pip) with the project and its test tools"
+	@echo "make test    setup, then the whole test suite (what CI runs); ARGS=\"-k storage\" narrows it"
+	@echo "make demo    setup, then label 4 sample photos with the tiny model into out/labels/"
+
+setup:
+	@scripts/setup.sh
+
+test:
+	@scripts/test.sh $(ARGS)
+
+demo: setup
+	@test -f jobs/label.py || { echo "make demo: the labeling job (jobs/label.py) has not landed yet; nothing to run" >&2; exit 1; }
+	@.venv/bin/python scripts/demo_images.py out/demo/images
+	.venv/bin/python -m jobs.label --input out/demo/images --output out/labels --vocabulary "$(DEMO_VOCABULARY)" --preset ebseg-tiny --random-weights
+	@echo "demo: label Parquet in out/labels/ (read it with: .venv/bin/ebseg curate --help)"

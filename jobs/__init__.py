@@ -1,0 +1,1 @@
+"""Entry points: ``ebseg <command>`` / ``python -m jobs.<command>`` (see ``jobs/cli.py``)."""

@@ -1,0 +1,199 @@
+"""The ``ebseg`` command: one subcommand per module of ``jobs/``.
+
+Each subcommand module ``jobs/<name>.py`` exposes ``add_arguments(parser)``, ``run(args) -> int`` and
+a one-line docstring (the help text). Modules are found from a fixed list and imported only when their
+command runs, so ``ebseg --help`` is fast and does not load torch or Ray; a module that is not there
+is simply not listed. ``python -m jobs.<name>`` behaves exactly like ``ebseg <name>`` through
+:func:`module_main`.
+
+User mistakes (``UsageError``, ``ValueError``, ``FileNotFoundError`` raised while a command runs) print
+``ebseg <command>: error: <message>`` and exit with status 2, without a traceback. Set
+``EBSEG_DEBUG=1`` to get the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+# Subcommands, in the order `ebseg --help` lists them (the order of a typical workflow).
+SUBCOMMANDS: tuple[str, ...] = (
+    "doctor",
+    "segment",
+    "label",
+    "curate",
+    "prepare_data",
+    "train",
+    "evaluate",
+    "parity",
+)
+
+EPILOG = """\
+typical flow:
+  ebseg doctor                          check the installation (versions, CUDA, kernel, cluster)
+  ebseg segment --help                  try the model on a few local images
+  ebseg label --input s3://bucket/images/ --output s3://bucket/labels/ --vocabulary "cat,dog;puppy,grass"
+                                        pseudo-label a bucket of images into Parquet with Ray Data
+  ebseg curate --help                   query, export and report the labels
+
+Run `ebseg <command> --help` for a command's options. Every command also runs as
+`python -m jobs.<command>`, e.g. on a Ray cluster:
+  ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.label ...
+Set EBSEG_DEBUG=1 to see a traceback instead of a one-line error.
+"""
+
+
+class UsageError(Exception):
+    """A mistake of the user's (bad flag combination, missing input): printed without a traceback."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (UsageError, ValueError, FileNotFoundError)
+
+
+def command_name(module_name: str) -> str:
+    """CLI spelling of a module name: ``prepare_data`` -> ``prepare-data``."""
+    return module_name.replace("_", "-")
+
+
+def _module_file(module_name: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(f"jobs.{module_name}")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    return Path(spec.origin)
+
+
+def _summary_without_import(path: Path) -> str:
+    """First line of a module's docstring, read with ``ast`` so nothing heavy gets imported."""
+    try:
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        doc = None
+    return (doc or "").strip().splitlines()[0] if doc else "(no description)"
+
+
+def available_commands() -> dict[str, tuple[str, str]]:
+    """``{command name: (module name, one-line help)}`` for the subcommand modules present."""
+    found = {}
+    for module_name in SUBCOMMANDS:
+        path = _module_file(module_name)
+        if path is not None:
+            found[command_name(module_name)] = (module_name, _summary_without_import(path))
+    return found
+
+
+def _run_guarded(prog: str, func, args: argparse.Namespace) -> int:
+    """Call ``run(args)``, turning user errors into one line on stderr and exit status 2."""
+    try:
+        code = func(args)
+    except USER_ERRORS as e:
+        if os.environ.get("EBSEG_DEBUG"):
+            raise
+        message = str(e) or type(e).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0 if code is None else int(code)
+
+
+def _check_module(module: ModuleType) -> None:
+    missing = [f for f in ("add_arguments", "run") if not callable(getattr(module, f, None))]
+    if missing:
+        raise RuntimeError(f"{module.__name__} is not an ebseg subcommand: missing {', '.join(missing)}")
+
+
+def _describe(module: ModuleType) -> str:
+    return (module.__doc__ or "").strip()
+
+
+def module_main(module: ModuleType, argv: list[str] | None = None) -> int:
+    """What ``python -m jobs.<name>`` runs: parse ``argv`` with the module's arguments, then run it."""
+    _check_module(module)
+    # Under `python -m jobs.x` the module is called "__main__"; its spec keeps the real name.
+    spec = getattr(module, "__spec__", None)
+    name = (spec.name if spec is not None else module.__name__).rsplit(".", 1)[-1]
+    prog = f"ebseg {command_name(name)}"
+    parser = argparse.ArgumentParser(
+        prog=prog, description=_describe(module), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    return _run_guarded(prog, module.run, args)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("ebseg-on-ray")
+    except Exception:
+        return "unknown (not installed; run `make setup`)"
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only the ``selected`` command's module is imported to add its options."""
+    commands = available_commands()
+    parser = argparse.ArgumentParser(
+        prog="ebseg",
+        description="EBSeg on Ray: open-vocabulary semantic segmentation (EBSeg, CVPR 2024) in PyTorch, "
+        "pseudo-labeling with Ray Data and training with Ray Train.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
+    for cmd, (module_name, summary) in commands.items():
+        aliases = [module_name] if module_name != cmd else []
+        p = sub.add_parser(
+            cmd, aliases=aliases, help=summary, description=summary,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+        p.set_defaults(_module=module_name)
+        if selected in (cmd, module_name):
+            module = importlib.import_module(f"jobs.{module_name}")
+            _check_module(module)
+            p.description = _describe(module) or summary
+            module.add_arguments(p)
+    return parser
+
+
+def _selected_command(argv: list[str]) -> str | None:
+    for token in argv:
+        if not token.startswith("-"):
+            return token
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ebseg`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = _selected_command(argv)
+    try:
+        parser = build_parser(selected)
+    except ImportError as e:
+        print(
+            f"ebseg {selected}: error: cannot load the command ({e}); is the project installed? "
+            "Run `make setup`, or `ebseg doctor` to see what is missing.",
+            file=sys.stderr,
+        )
+        return 1
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(f"jobs.{args._module}")
+    return _run_guarded(f"ebseg {command_name(args._module)}", module.run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
