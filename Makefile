@@ -18,4 +18,5 @@ demo: setup
 	@test -f jobs/label.py || { echo "make demo: the labeling job (jobs/label.py) has not landed yet; nothing to run" >&2; exit 1; }
 	@.venv/bin/python scripts/demo_images.py out/demo/images
 	.venv/bin/python -m jobs.label --input out/demo/images --output out/labels --vocabulary "$(DEMO_VOCABULARY)" --preset ebseg-tiny --random-weights
-	@echo "demo: label Parquet in out/labels/ (read it with: .venv/bin/ebseg curate --help)"
+	.venv/bin/ebseg curate stats out/labels
+	@echo "demo: label Parquet in out/labels/ (random weights: the classes are meaningless; see docs/labeling.md)"
