@@ -24,7 +24,6 @@ import io
 import json
 import math
 import os
-import random
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +41,8 @@ from pipeline.listing import (
     InputError,
     InputSpec,
     Plan,
+    backoff_delay,
+    is_transient,
     build_plan,
     exists,
     fs_and_path,
@@ -136,24 +137,6 @@ class LabelSummary:
 # Stage 1: plan shard -> read bytes (retries) + decode
 # ---------------------------------------------------------------------------------------------
 
-_TRANSIENT_MARKERS = (
-    "slowdown", "slow down", "503", "service unavailable", "throttl", "requesttimeout", "request timeout",
-    "timed out", "timeout", "connection reset", "connection aborted", "connectionerror", "broken pipe",
-    "500", "internalerror", "internal error", "too many requests", "429", "temporarily", "remotedisconnected",
-    "endpointconnectionerror", "could not connect",
-)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Errors worth retrying: throttling, 5xx, timeouts, dropped connections (not 404/403)."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
-        return False
-    if isinstance(exc, (TimeoutError, ConnectionError)):
-        return True
-    text = f"{type(exc).__name__} {exc}".lower()
-    return any(m in text for m in _TRANSIENT_MARKERS)
-
-
 class ReadError(Exception):
     def __init__(self, message: str):
         super().__init__(message)
@@ -189,8 +172,7 @@ def read_with_retries(uri: str, retries: int = 6, base_delay: float = 0.2, max_b
             last = exc
             if not is_transient(exc) or attempt == retries:
                 break
-            delay = min(base_delay * (2 ** attempt), 10.0) * (0.5 + random.random())
-            sleep(delay)
+            sleep(backoff_delay(attempt, base_delay))
     kind = "after retries" if last is not None and is_transient(last) else "permanent"
     raise ReadError(f"read failed ({kind}): {type(last).__name__}: {last}")
 

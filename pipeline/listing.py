@@ -20,9 +20,13 @@ import io
 import json
 import os
 import posixpath
+import random
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
+
+T = TypeVar("T")
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,6 +44,41 @@ class InputError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Small storage helpers (fsspec; pipeline.storage resolves credentials/endpoints when present)
 # ---------------------------------------------------------------------------------------------
+
+
+_TRANSIENT_MARKERS = (
+    "slowdown", "slow down", "503", "service unavailable", "throttl", "requesttimeout", "request timeout",
+    "timed out", "timeout", "connection reset", "connection aborted", "connectionerror", "broken pipe",
+    "500", "internalerror", "internal error", "too many requests", "429", "temporarily", "remotedisconnected",
+    "endpointconnectionerror", "could not connect",
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Storage errors worth retrying: throttling, 5xx, timeouts, dropped connections (not 404/403)."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(m in text for m in _TRANSIENT_MARKERS)
+
+
+def backoff_delay(attempt: int, base: float = 0.2, cap: float = 10.0) -> float:
+    """Exponential backoff with jitter: ~base * 2^attempt, at most cap seconds."""
+    return min(base * (2 ** attempt), cap) * (0.5 + random.random())
+
+
+def retry_io(fn: Callable[..., T], *args, retries: int = 6, **kwargs) -> T:
+    """Call a storage operation, retrying transient errors with backoff (plan/fragment/final files)."""
+    for attempt in range(retries + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - re-raised unless transient
+            if attempt == retries or not is_transient(exc):
+                raise
+            time.sleep(backoff_delay(attempt))
+    raise AssertionError("unreachable")
 
 
 def is_local(url: str) -> bool:
@@ -62,6 +101,11 @@ def join_url(base: str, *parts: str) -> str:
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write a whole object so that readers see all of it or nothing (transient errors retried)."""
+    retry_io(_write_bytes_atomic, url, data)
+
+
+def _write_bytes_atomic(url: str, data: bytes) -> None:
     """Write a whole object so that readers see all of it or nothing.
 
     Local files: written to a hidden temp name in the same directory, fsynced, then renamed.
@@ -83,9 +127,9 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
 
 
 def read_bytes(url: str) -> bytes:
+    """The whole object (transient errors retried)."""
     fs, path = fs_and_path(url)
-    with fs.open(path, "rb") as f:
-        return f.read()
+    return retry_io(fs.cat_file, path)
 
 
 def exists(url: str) -> bool:
@@ -94,7 +138,7 @@ def exists(url: str) -> bool:
         fs.invalidate_cache(path)
     except Exception:  # noqa: BLE001 - not every filesystem caches
         pass
-    return fs.exists(path)
+    return retry_io(fs.exists, path)
 
 
 def list_dir(url: str) -> list[str]:
@@ -105,7 +149,7 @@ def list_dir(url: str) -> list[str]:
     except Exception:  # noqa: BLE001
         pass
     try:
-        entries = fs.ls(path, detail=False)
+        entries = retry_io(fs.ls, path, detail=False)
     except FileNotFoundError:
         return []
     return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
@@ -114,7 +158,7 @@ def list_dir(url: str) -> list[str]:
 def remove_tree(url: str) -> None:
     fs, path = fs_and_path(url)
     try:
-        fs.rm(path, recursive=True)
+        retry_io(fs.rm, path, recursive=True)
     except FileNotFoundError:
         pass
 
@@ -262,7 +306,7 @@ def shard_name(shard: int) -> str:
 
 
 def read_plan_shard(url: str) -> list[str]:
-    """URIs of one plan shard, in plan order."""
+    """URIs of one plan shard, in plan order (transient storage errors retried)."""
     table = pq.read_table(io.BytesIO(read_bytes(url)))
     return table.column("uri").to_pylist()
 

@@ -65,9 +65,10 @@ class FlakyProxy:
                     data = resp.read()
                     self.send_response(resp.status, resp.reason)
                     for k, v in resp.getheaders():
-                        if k.lower() not in _HOP_HEADERS and k.lower() != "content-length":
-                            self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(data)))
+                        if k.lower() not in _HOP_HEADERS and (k.lower() != "content-length" or self.command == "HEAD"):
+                            self.send_header(k, v)  # HEAD keeps the object's length; bodies get their own
+                    if self.command != "HEAD":
+                        self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(data)
@@ -84,6 +85,8 @@ class FlakyProxy:
         self._thread = threading.Thread(target=self._server.serve_forever, name="flaky-proxy", daemon=True)
         self._timer = threading.Timer(lifetime_s, self.stop)
         self._timer.daemon = True
+        self._started = False
+        self._stopped = False
 
     def _should_fail(self, method: str, path: str) -> bool:
         if self.only_get and method != "GET":
@@ -99,13 +102,19 @@ class FlakyProxy:
             return True
 
     def start(self) -> "FlakyProxy":
+        self._started = True
         self._thread.start()
         self._timer.start()
         return self
 
     def stop(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
         self._timer.cancel()
-        self._server.shutdown()
+        if self._started:
+            self._server.shutdown()
         self._server.server_close()
 
     def __enter__(self) -> "FlakyProxy":
