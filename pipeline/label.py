@@ -658,7 +658,9 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print) -> LabelSumm
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
     n_actors, gpus, cpus = _resources(cfg)
-    threads = max(1, math.ceil(cpus)) if gpus == 0 else 0
+    # torch threads of a CPU actor: its CPU share, except a lone actor with the default share,
+    # which gets torch's default (all cores): reading/encoding are light next to the model.
+    threads = 0 if gpus > 0 or (n_actors == 1 and cfg.num_cpus_per_actor is None) else max(1, math.ceil(cpus))
     mspec = dataclasses.replace(mspec, torch_threads=threads)
     vinfo = VocabInfo(names=list(vocab.names), synonyms=[list(s) for s in vocab.synonyms], id=vocab.id)
     test_exit = os.environ.get(TEST_EXIT_ENV) or None  # TEST ONLY

@@ -1,0 +1,189 @@
+"""Labeling throughput: the whole Ray Data job vs the model alone, and driver/cluster memory at N vs 10N images.
+
+Why: the pipeline is worth its complexity only if it keeps the model busy (goal: job throughput
+>= 90% of model-only throughput on the same machine and model) and if memory does not grow with
+the number of inputs (goal: flat peak memory from N to 10N).
+
+What is measured:
+- model-only: one process, the model built once, ``model.segment`` over decoded images in batches
+  (warm-up batch excluded): images/s.
+- job: ``run_label`` on a local directory of the same images, warm (Ray started, a first run done
+  so actor start-up is not counted), images/s from the labeling phase.
+- memory: peak RSS of the driver and peak summed RSS of Ray worker processes during a job of N and
+  of 10N images.
+
+Usage:  python -m bench.bench_label --preset ebseg-tiny --random-weights --images 64 --size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import threading
+import time
+
+import numpy as np
+from PIL import Image
+
+
+def write_images(root: str, n: int, size: int, seed: int = 0) -> list[str]:
+    """n JPEGs of size x (size * 4/3) with smooth random content."""
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    h, w = size, size * 4 // 3
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    for i in range(n):
+        f = rng.uniform(0.01, 0.05, 3)
+        img = np.stack([127 + 120 * np.sin(f[c] * (x + y * (c + 1)) + i) for c in range(3)], axis=2)
+        path = os.path.join(root, f"img_{i:06d}.jpg")
+        Image.fromarray(img.astype(np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def model_only(args, paths: list[str]) -> float:
+    """images/s of model.segment alone (decode excluded), warm."""
+    import torch
+
+    from ebseg_core import Vocabulary
+    from pipeline.label import ModelSpec
+
+    torch.manual_seed(0)
+    from ebseg_core import build_model
+
+    spec = ModelSpec(args.preset, args.checkpoint, args.batch_size, inference_size=args.inference_size)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build_model(spec.config(), checkpoint=args.checkpoint).eval()
+    vocab = Vocabulary.parse(args.vocabulary)
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    with torch.inference_mode():
+        model.segment(images[: args.batch_size], vocab, batch_size=args.batch_size)  # warm-up
+        t0 = time.perf_counter()
+        for i in range(0, len(images), args.batch_size):
+            model.segment(images[i: i + args.batch_size], vocab, batch_size=args.batch_size)
+        return len(images) / (time.perf_counter() - t0)
+
+
+class PeakRSS:
+    """Samples RSS of this process and of Ray workers (processes whose name starts with 'ray::')."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self.driver = 0
+        self.workers = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _rss(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def _run(self) -> None:
+        me = os.getpid()
+        while not self._stop.is_set():
+            self.driver = max(self.driver, self._rss(me))
+            total = 0
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    try:
+                        with open(f"/proc/{entry}/cmdline", "rb") as f:
+                            cmd = f.read(64)
+                    except OSError:
+                        continue
+                    if cmd.startswith(b"ray::"):
+                        total += self._rss(int(entry))
+            self.workers = max(self.workers, total)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def job(args, input_dir: str, output: str):
+    from pipeline.label import LabelConfig, run_label
+
+    cfg = LabelConfig(input=input_dir, output=output, vocabulary=args.vocabulary, preset=args.preset,
+                      checkpoint=args.checkpoint, random_weights=args.checkpoint is None,
+                      inference_size=args.inference_size, batch_size=args.batch_size, shard_size=args.shard_size,
+                      num_actors=args.num_actors, num_cpus_per_actor=args.num_cpus_per_actor, progress_bars=False,
+                      progress_interval_s=30.0)
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        summary = run_label(cfg, log=lambda s: None)
+        wall = time.perf_counter() - t0
+    return summary, wall, mem
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="ebseg-tiny")
+    p.add_argument("--checkpoint")
+    p.add_argument("--random-weights", action="store_true", help="required when no --checkpoint")
+    p.add_argument("--vocabulary", default="sky,tree,road,building,person")
+    p.add_argument("--images", type=int, default=64, help="N (the memory check also runs 10N)")
+    p.add_argument("--size", type=int, default=256, help="image height in pixels (width = 4/3 of it)")
+    p.add_argument("--inference-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--shard-size", type=int, default=256)
+    p.add_argument("--num-actors", type=int, default=1)
+    p.add_argument("--num-cpus-per-actor", type=float, default=None)
+    p.add_argument("--threads", type=int, default=0, help="torch threads for the model-only run (0: default)")
+    p.add_argument("--skip-memory", action="store_true", help="skip the N vs 10N memory runs")
+    args = p.parse_args(argv)
+    if args.checkpoint is None and not args.random_weights:
+        p.error("give --checkpoint or --random-weights")
+    import ray
+
+    work = tempfile.mkdtemp(prefix="bench_label_")
+    try:
+        n = args.images
+        small = os.path.join(work, "in_n")
+        paths = write_images(small, n, args.size)
+        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 2)), include_dashboard=False,
+                 log_to_driver=False)
+        # Warm run: Ray workers and model actors started once, not counted.
+        job(args, small, os.path.join(work, "out_warm"))
+        summary, wall, mem_n = job(args, small, os.path.join(work, "out_n"))
+        job_ips = summary.processed / wall
+        model_ips = model_only(args, paths)
+        print(f"images: {n} of {args.size}x{args.size * 4 // 3}, model {args.preset}, batch {args.batch_size}, "
+              f"inference size {args.inference_size or 'preset'}")
+        print(f"model only:   {model_ips:8.2f} images/s")
+        print(f"whole job:    {job_ips:8.2f} images/s  (wall {wall:.1f} s incl. plan/compaction)")
+        print(f"ratio:        {100 * job_ips / model_ips:8.1f} %  (goal >= 90 %)")
+        print(f"peak RSS at N={n}:    driver {mem_n.driver / 2**20:7.0f} MiB, ray workers {mem_n.workers / 2**20:7.0f} MiB")
+        if not args.skip_memory:
+            big = os.path.join(work, "in_10n")
+            os.makedirs(big, exist_ok=True)
+            for k in range(10):  # 10N inputs: the same images under 10 names each
+                for path in paths:
+                    os.link(path, os.path.join(big, f"c{k}_" + os.path.basename(path)))
+            summary10, wall10, mem_10n = job(args, big, os.path.join(work, "out_10n"))
+            print(f"peak RSS at 10N={10 * n}: driver {mem_10n.driver / 2**20:7.0f} MiB, ray workers "
+                  f"{mem_10n.workers / 2**20:7.0f} MiB  ({summary10.processed / wall10:.2f} images/s)")
+            print(f"driver growth N -> 10N: {(mem_10n.driver - mem_n.driver) / 2**20:+.0f} MiB; "
+                  f"workers: {(mem_10n.workers - mem_n.workers) / 2**20:+.0f} MiB (goal: flat)")
+    finally:
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
