@@ -163,7 +163,8 @@ def two_nodes(s3, tmp_path_factory):
         **os.environ,
         **s3.env,
         "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_AUTH_MODE": "disabled",  # loopback test cluster: no token files to distribute between nodes
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_raylet_start_wait_time_s": "180",  # 2 shared cores: node registration can be slow  # loopback test cluster: no token files to distribute between nodes
         "PYTHONPATH": os.pathsep.join(p for p in [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")] if p),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
@@ -189,13 +190,21 @@ def two_nodes(s3, tmp_path_factory):
     procs = [head]
     try:
         address = f"127.0.0.1:{port}"
-        time.sleep(5)
-        procs.append(node([f"--address={address}", "--min-worker-port=21000", "--max-worker-port=21999"], "worker"))
-        deadline = time.time() + 120
-        while True:
-            out = subprocess.run(
+
+        def status() -> str:
+            return subprocess.run(
                 [_ray_exe(), "status", f"--address={address}"], env=env, capture_output=True, text=True
             ).stdout
+
+        deadline = time.time() + 240
+        while "node_" not in status():  # the head must be up before a second node can join
+            if time.time() > deadline or head.poll() is not None:
+                raise RuntimeError(f"ray head not ready:\n{(logs / 'head.log').read_text()[-3000:]}")
+            time.sleep(2)
+        procs.append(node([f"--address={address}", "--min-worker-port=21000", "--max-worker-port=21999"], "worker"))
+        deadline = time.time() + 240
+        while True:
+            out = status()
             if out.count("node_") >= 2 and "8.0 CPU" in out.replace("0.0/8.0 CPU", "8.0 CPU"):
                 break
             if time.time() > deadline or any(p.poll() is not None for p in procs):
@@ -239,8 +248,8 @@ def test_two_node_training_on_s3_learns_and_resumes_exactly(two_nodes, s3, s3_pr
         sys.executable, "-m", "jobs.train", "--address", address, "--config", str(CONFIGS / "tiny_generic.yaml"),
         "--result-json", str(result_json), "--set", f"data.train={train_url}", f"data.val={val_url}",
         f"run.storage_path={storage}", "run.name=two-node", "run.num_workers=2", "run.placement_strategy=STRICT_SPREAD",
-        "solver.max_iter=24", "solver.ims_per_batch=4", "run.checkpoint_period=8", "run.log_period=4",
-        "run.val_period=24", "run.fail_at_iteration=10", "run.max_failures=1", "run.num_to_keep=5",
+        "solver.max_iter=48", "solver.base_lr=0.003", "solver.ims_per_batch=4", "run.checkpoint_period=16",
+        "run.log_period=8", "run.val_period=48", "run.fail_at_iteration=20", "run.max_failures=1", "run.num_to_keep=5",
     ]  # fmt: skip
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=900)
@@ -251,24 +260,24 @@ def test_two_node_training_on_s3_learns_and_resumes_exactly(two_nodes, s3, s3_pr
     print(f"two-node run: {wall:.0f} s wall, {result['it_per_s']:.2f} it/s, val mIoU {result['val_miou']:.3f}")
 
     # Both workers ran, on different nodes, and the run finished after one injected failure.
-    assert result["iteration"] == 24 and result["world_size"] == 2 and result["num_nodes"] == 2
-    assert result["resumed_from"] == 8
+    assert result["iteration"] == 48 and result["world_size"] == 2 and result["num_nodes"] == 2
+    assert result["resumed_from"] == 16
 
-    # Resume restored the exact optimizer state saved at iteration 8.
+    # Resume restored the exact optimizer state saved at iteration 16.
     ckpts = sorted(p for p in s3.fs.ls(storage.split("://", 1)[1] + "/two-node") if p.rsplit("/", 1)[-1].startswith("checkpoint_2"))
     states = {}
     for c in ckpts:
         with s3.fs.open(c + "/train_state.pt", "rb") as f:
             st = torch.load(f, map_location="cpu", weights_only=False)
         states[st["iteration"]] = st
-    assert {8, 16, 24} <= set(states)
-    assert result["resume_optimizer_digest"] == states[8]["optimizer_digest"]
-    assert states[24]["rng"] and len(states[24]["rng"]) == 2
-    assert set(states[24]["model"]) and all(not k.startswith("clip_rec_head.") for k in states[24]["model"])
+    assert {16, 32, 48} <= set(states)
+    assert result["resume_optimizer_digest"] == states[16]["optimizer_digest"]
+    assert states[48]["rng"] and len(states[48]["rng"]) == 2
+    assert set(states[48]["model"]) and all(not k.startswith("clip_rec_head.") for k in states[48]["model"])
 
     # Loss goes down: the mean over the last reports is well below the first.
-    hist = result_history = result["loss_history"] if "loss_history" in result else states[24]["loss_history"]
-    assert [h[0] for h in hist][:2] == [4, 8] and hist[-1][0] == 24
+    hist = result_history = result["loss_history"] if "loss_history" in result else states[48]["loss_history"]
+    assert [h[0] for h in hist][:2] == [8, 16] and hist[-1][0] == 48
     first, last = hist[0][1], sum(h[1] for h in hist[-2:]) / 2
     assert last < 0.85 * first, result_history
 
