@@ -215,10 +215,17 @@ def test_empty_input_is_a_clear_error(tmp_path, capsys):
     assert rc == 2 and "vocabulary" in capsys.readouterr().err
 
 
-def test_mixed_corpus_on_s3(ray_local, s3, s3_prefix, corpus):
+@pytest.fixture(scope="module")
+def reference_run(ray_local, s3, corpus):
+    """The corpus labeled once in this process (1 actor); checked by one test, compared by another."""
+    output = s3.url(f"label-reference-{os.getpid()}/")
+    return output, run_label(base_config(corpus[0], output))
+
+
+def test_mixed_corpus_on_s3(ray_local, s3, corpus, reference_run):
     """Good images of many modes/sizes and broken files -> one row each, right kinds, labels at original size."""
     input_url, expected = corpus
-    summary = run_label(base_config(input_url, s3_prefix))
+    s3_prefix, summary = reference_run
     assert summary.complete and summary.processed == len(expected)
     assert summary.errors == {"empty": 1, "not_image": 1, "truncated": 1}
     table = read_output(s3, s3_prefix)
@@ -245,11 +252,13 @@ def test_actor_killed_mid_job(ray_local, s3, s3_prefix, corpus, tmp_path, monkey
     check_rows(read_output(s3, s3_prefix), expected)
 
 
-def test_sigkill_mid_job_then_rerun_is_exactly_once(s3, s3_prefix, corpus, tmp_path):
-    """SIGKILL the whole job after its first output file; the rerun finishes the rest, no row twice."""
+def test_sigkill_mid_job_then_rerun_is_exactly_once(ray_head, s3, s3_prefix, corpus, tmp_path):
+    """SIGKILL the job's driver (on a running cluster) after its first output file; the rerun finishes
+    the rest, no row twice."""
     input_url, expected = corpus
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
     env = job_env(s3, ray_tmp)
+    env["RAY_ADDRESS"] = ray_head.address
     out_path = s3_prefix.removeprefix("s3://")
     cmd = job_cmd(input_url, s3_prefix, "--shard-size", "2", "--batch-size", "2")
     log = open(tmp_path / "run1.log", "wb")
@@ -344,12 +353,11 @@ TWO_NODE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_two_node_cluster_same_rows(ray_local, s3, corpus, tmp_path):
+def test_two_node_cluster_same_rows(s3, corpus, reference_run, tmp_path):
     """Two model actors that need a resource each node has once -> one actor per node; same rows as one node."""
     input_url, expected = corpus
-    one = s3.url(f"two-node-ref-{os.getpid()}/")
+    one = reference_run[0]
     two = s3.url(f"two-node-{os.getpid()}/")
-    run_label(base_config(input_url, one))
     cfg = dict(input=input_url, output=two, vocabulary=VOCAB, preset="ebseg-tiny", random_weights=True,
                inference_size=32, inference_max_size=64, batch_size=4, shard_size=5, progress_bars=False,
                num_actors=2, num_cpus_per_actor=1.0, actor_resources={"labeler": 1.0})
