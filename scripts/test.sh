@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one test entry point (README's `make test` and CI's .ci/run both come here).
 # Fails if any test fails, if pytest collects nothing (exit 5), or if every test was skipped.
-# Extra arguments go to pytest: scripts/test.sh -k storage
+# Extra arguments go to pytest: scripts/test.sh -k storage, scripts/test.sh tests/test_storage.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +17,15 @@ export RAY_USAGE_STATS_ENABLED=0
 report=$(mktemp -t ebseg-junit.XXXXXX.xml)
 trap 'rm -f "$report"' EXIT
 set +e
-.venv/bin/python -m pytest -q tests --durations=20 --junitxml="$report" "$@"
+# Test paths given (tests/test_x.py, tests/test_x.py::name)? Then run those instead of all of tests/.
+targets=(tests)
+for arg in "$@"; do
+    if [[ $arg != -* && -e ${arg%%::*} ]]; then
+        targets=()
+        break
+    fi
+done
+.venv/bin/python -m pytest -q "${targets[@]}" --durations=20 --junitxml="$report" "$@"
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then
