@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs.cli import non_negative_float as _non_negative_float
+from jobs.cli import positive_int as _positive_int
+
 EPILOG = """\
 datasets (prepared layouts under --root; see docs/evaluation.md and `ebseg prepare-data --help`):
   ade847 (A-847)  pc459 (PC-459)  ade150 (A-150)  pc59 (PC-59)  voc20 (VOC)  coco171 (COCO-Stuff val)
@@ -34,26 +37,6 @@ output: the table (mIoU per dataset, as in the EBSeg README) and, with --out, re
 metrics, per-class IoU/ACC, detectron2 semantics), summary.csv and per_class_<dataset>.csv.
 exit status: 0 all images scored, 1 some images failed (listed), 2 usage error.
 """
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
-    return v
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

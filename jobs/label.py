@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs.cli import non_negative_float as _non_negative_float
+from jobs.cli import positive_int as _positive_int
+
 EPILOG = """\
 examples:
   # a bucket of photos, 4 GPU actors, the 150 ADE20K classes
@@ -26,26 +29,6 @@ the output then holds every input exactly once (errors included, as status="erro
 Output: <output>/labels-NNNNNN.parquet (schema: docs/label_schema.md), plus _plan/, _job.json and
 _SUCCESS (a summary, written when every shard is done). Details: docs/labeling.md.
 """
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
-    return v
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
 def _resource(text: str) -> tuple[str, float]:
