@@ -138,7 +138,7 @@ def check_train(model: EBSeg, vocab: Vocabulary, inputs: dict, ref: dict, report
         torch.manual_seed(1234)
         losses = training_losses(model, images, targets, vocab)
         total_ref = sum(float(ref[f"rng.loss_weighted.{k}"]) for k in expected)
-        report.info("rng.total_weighted_loss", abs(float(sum(losses.values())) - total_ref))
+        report.info("rng.total_weighted_loss", abs(float(sum(losses.values()).detach()) - total_ref))
     finally:
         model.eval()
 
