@@ -155,20 +155,28 @@ def run(fixture: Path, atol: float, rtol: float) -> Report:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ebseg_core.parity", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("fixture", type=Path, help="fixture directory (e.g. shared/reference/parity_tiny_b)")
-    parser.add_argument("--atol", type=float, default=1e-4)
-    parser.add_argument("--rtol", type=float, default=1e-4)
-    args = parser.parse_args(argv)
+    parser.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default: %(default)s)")
+    parser.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance (default: %(default)s)")
+
+
+def run_args(args: argparse.Namespace, prog: str = "parity") -> int:
+    """Run the check for parsed ``args``: 0 all within tolerance, 1 a mismatch, 2 not a usable fixture."""
     try:
         report = run(args.fixture, args.atol, args.rtol)
     except (FixtureError, ValueError, FileNotFoundError) as e:
-        print(f"parity: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     report.print()
     return 0 if report.passed else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ebseg_core.parity", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,11 @@ def test_parity_with_official_fixture(capsys):
 def test_parity_cli_rejects_non_fixture(tmp_path, capsys):
     assert parity.main([str(tmp_path)]) == 2
     assert "not a parity fixture" in capsys.readouterr().err
+    from jobs.cli import main as ebseg
+
+    assert ebseg(["parity", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ebseg parity: error:") and "not a parity fixture" in err
 
 
 @pytest.mark.parametrize("preset,manifest", [("ebseg-b", "ebseg_b_state_dict.json"), ("ebseg-l", "ebseg_l_state_dict.json")])

@@ -248,8 +248,8 @@ def test_two_node_training_on_s3_learns_and_resumes_exactly(two_nodes, s3, s3_pr
         sys.executable, "-m", "jobs.train", "--address", address, "--config", str(CONFIGS / "tiny_generic.yaml"),
         "--result-json", str(result_json), "--set", f"data.train={train_url}", f"data.val={val_url}",
         f"run.storage_path={storage}", "run.name=two-node", "run.num_workers=2", "run.placement_strategy=STRICT_SPREAD",
-        "solver.max_iter=48", "solver.base_lr=0.003", "solver.ims_per_batch=4", "run.checkpoint_period=16",
-        "run.log_period=8", "run.val_period=48", "run.fail_at_iteration=20", "run.max_failures=1", "run.num_to_keep=5",
+        "solver.max_iter=96", "solver.base_lr=0.003", "solver.ims_per_batch=4", "run.checkpoint_period=32",
+        "run.log_period=8", "run.val_period=96", "run.fail_at_iteration=40", "run.max_failures=1", "run.num_to_keep=5",
     ]  # fmt: skip
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=900)
@@ -260,24 +260,24 @@ def test_two_node_training_on_s3_learns_and_resumes_exactly(two_nodes, s3, s3_pr
     print(f"two-node run: {wall:.0f} s wall, {result['it_per_s']:.2f} it/s, val mIoU {result['val_miou']:.3f}")
 
     # Both workers ran, on different nodes, and the run finished after one injected failure.
-    assert result["iteration"] == 48 and result["world_size"] == 2 and result["num_nodes"] == 2
-    assert result["resumed_from"] == 16
+    assert result["iteration"] == 96 and result["world_size"] == 2 and result["num_nodes"] == 2
+    assert result["resumed_from"] == 32
 
-    # Resume restored the exact optimizer state saved at iteration 16.
+    # Resume restored the exact optimizer state saved at iteration 32.
     ckpts = sorted(p for p in s3.fs.ls(storage.split("://", 1)[1] + "/two-node") if p.rsplit("/", 1)[-1].startswith("checkpoint_2"))
     states = {}
     for c in ckpts:
         with s3.fs.open(c + "/train_state.pt", "rb") as f:
             st = torch.load(f, map_location="cpu", weights_only=False)
         states[st["iteration"]] = st
-    assert {16, 32, 48} <= set(states)
-    assert result["resume_optimizer_digest"] == states[16]["optimizer_digest"]
-    assert states[48]["rng"] and len(states[48]["rng"]) == 2
-    assert set(states[48]["model"]) and all(not k.startswith("clip_rec_head.") for k in states[48]["model"])
+    assert {32, 64, 96} <= set(states)
+    assert result["resume_optimizer_digest"] == states[32]["optimizer_digest"]
+    assert states[96]["rng"] and len(states[96]["rng"]) == 2
+    assert set(states[96]["model"]) and all(not k.startswith("clip_rec_head.") for k in states[96]["model"])
 
     # Loss goes down: the mean over the last reports is well below the first.
-    hist = result_history = result["loss_history"] if "loss_history" in result else states[48]["loss_history"]
-    assert [h[0] for h in hist][:2] == [8, 16] and hist[-1][0] == 48
+    hist = result_history = result["loss_history"] if "loss_history" in result else states[96]["loss_history"]
+    assert [h[0] for h in hist][:2] == [8, 16] and hist[-1][0] == 96
     first, last = hist[0][1], sum(h[1] for h in hist[-2:]) / 2
     assert last < 0.85 * first, result_history
 
