@@ -110,14 +110,28 @@ class DecoderConfig:
 
 @dataclass
 class CriterionConfig:
-    class_weight: float = 2.0
+    """Loss hyper-parameters; defaults are the official EBSeg-B/L recipe."""
+
+    class_weight: float = 2.0  # matcher class cost; the loss weight is class_weight * class_loss_factor
     mask_weight: float = 5.0
     dice_weight: float = 5.0
-    no_object_weight: float = 0.1
+    class_loss_factor: float = 0.75  # the official weight dict scales both CE terms by 0.75
     ssc_weight: float = 10.0
-    train_num_points: int = 12544
+    no_object_weight: float = 0.1
+    matcher_num_points: int = 112 * 112
+    num_points: int = 112 * 112
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
+    deep_supervision: bool = True
+    ssc_loss: bool = True
+
+    def __post_init__(self) -> None:
+        if self.oversample_ratio < 1:
+            raise ValueError(f"oversample_ratio must be >= 1, got {self.oversample_ratio}")
+        if not 0.0 <= self.importance_sample_ratio <= 1.0:
+            raise ValueError(f"importance_sample_ratio must be in [0, 1], got {self.importance_sample_ratio}")
+        if self.num_points < 1 or self.matcher_num_points < 1:
+            raise ValueError("num_points and matcher_num_points must be positive")
 
 
 @dataclass
@@ -223,7 +237,7 @@ def _ebseg_tiny() -> EBSegConfig:
                                          encoder_layers=6, dim_feedforward=1024),
         decoder=DecoderConfig(hidden_dim=64, num_queries=20, num_heads=8, dim_feedforward=128,
                               num_layers=9),
-        criterion=CriterionConfig(train_num_points=1024),
+        criterion=CriterionConfig(matcher_num_points=1024, num_points=1024),
         num_train_classes=12,
     )
 
@@ -237,6 +251,34 @@ def preset_config(name: str) -> EBSegConfig:
         return PRESETS[name]()
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def with_inference_settings(cfg: EBSegConfig, size: int | None = None, max_size: int | None = None,
+                            alpha: float | None = None, beta: float | None = None,
+                            gamma: float | None = None) -> EBSegConfig:
+    """``cfg`` with inference settings changed; ``None`` keeps the preset's value.
+
+    ``size``/``max_size``: shortest side / longest-side cap of the resize (official: 640 / 2560); a
+    model trained on small crops (the tiny preset's 128 px) must be run near its training scale.
+    ``alpha``/``beta``/``gamma``: the balancing weights of the CLIP branches (official per preset);
+    a model whose CLIP towers are random (the tiny preset) has no knowledge there, so 0 uses the
+    trained classifier alone.
+    """
+    changes: dict[str, float] = {}
+    if size:
+        changes["test_min_size"] = size
+        changes["test_max_size"] = max_size or max(cfg.test_max_size, size)
+    elif max_size:
+        changes["test_max_size"] = max_size
+    for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+        if value is not None:
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"inference {name} must be in [0, 1], got {value}")
+            changes[name] = value
+    a, b, g = changes.get("alpha", cfg.alpha), changes.get("beta", cfg.beta), changes.get("gamma", cfg.gamma)
+    if a + g > 1.0 or b + g > 1.0:
+        raise ValueError(f"inference weights alpha={a}, beta={b}, gamma={g}: alpha+gamma and beta+gamma must be <= 1")
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def config_from_fixture(cfg: dict[str, Any]) -> EBSegConfig:
@@ -269,7 +311,8 @@ def config_from_fixture(cfg: dict[str, Any]) -> EBSegConfig:
     crit = CriterionConfig(
         class_weight=k["class_weight"], mask_weight=k["mask_weight"], dice_weight=k["dice_weight"],
         no_object_weight=k["no_object_weight (eos_coef)"],
-        train_num_points=k["criterion_num_points (EBSEG.TRAIN_NUM_POINTS)"],
+        matcher_num_points=k["criterion_num_points (EBSEG.TRAIN_NUM_POINTS)"],
+        num_points=k["criterion_num_points (EBSEG.TRAIN_NUM_POINTS)"],
         oversample_ratio=k["oversample_ratio"], importance_sample_ratio=k["importance_sample_ratio"],
     )
     return EBSegConfig(

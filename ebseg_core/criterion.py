@@ -10,7 +10,6 @@ so that with the same seed the same points are sampled. The parity fixture
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -18,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+
+from .config import CriterionConfig
 
 __all__ = [
     "CriterionConfig",
@@ -34,32 +35,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Indices = list[tuple[Tensor, Tensor]]
-
-
-@dataclass
-class CriterionConfig:
-    """Loss hyper-parameters; defaults are the official EBSeg-B/L recipe."""
-
-    class_weight: float = 2.0  # matcher class cost; the loss weight is class_weight * class_loss_factor
-    mask_weight: float = 5.0
-    dice_weight: float = 5.0
-    class_loss_factor: float = 0.75  # the official weight dict scales both CE terms by 0.75
-    ssc_weight: float = 10.0
-    no_object_weight: float = 0.1
-    matcher_num_points: int = 112 * 112
-    num_points: int = 112 * 112
-    oversample_ratio: float = 3.0
-    importance_sample_ratio: float = 0.75
-    deep_supervision: bool = True
-    ssc_loss: bool = True
-
-    def __post_init__(self) -> None:
-        if self.oversample_ratio < 1:
-            raise ValueError(f"oversample_ratio must be >= 1, got {self.oversample_ratio}")
-        if not 0.0 <= self.importance_sample_ratio <= 1.0:
-            raise ValueError(f"importance_sample_ratio must be in [0, 1], got {self.importance_sample_ratio}")
-        if self.num_points < 1 or self.matcher_num_points < 1:
-            raise ValueError("num_points and matcher_num_points must be positive")
 
 
 def point_sample(features: Tensor, coords: Tensor) -> Tensor:
@@ -411,7 +386,7 @@ def training_losses(
     """Weighted training losses of ``model`` on uint8 images [B,3,H,W] with per-image targets."""
     outputs = model.training_outputs(images, vocab)
     num_classes = outputs["pred_logits"].shape[-1] - 1
-    criterion = EBSegCriterion(num_classes, config or getattr(model, "criterion_config", None) or CriterionConfig())
+    criterion = EBSegCriterion(num_classes, config or model.config.criterion)
     criterion = criterion.to(images.device)
     targets = pad_target_masks(targets, tuple(images.shape[-2:]))
     targets = [{"labels": t["labels"].to(images.device), "masks": t["masks"].to(images.device)} for t in targets]

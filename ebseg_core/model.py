@@ -76,17 +76,6 @@ class EBSeg(nn.Module):
         for name, p in self.named_parameters():
             p.requires_grad = name.startswith(trainable_prefixes)
 
-    @property
-    def criterion_config(self):
-        """Loss settings of this model's preset, in the criterion's own config type."""
-        from .criterion import CriterionConfig as LossConfig
-
-        c = self.config.criterion
-        return LossConfig(class_weight=c.class_weight, mask_weight=c.mask_weight, dice_weight=c.dice_weight,
-                          ssc_weight=c.ssc_weight, no_object_weight=c.no_object_weight,
-                          matcher_num_points=c.train_num_points, num_points=c.train_num_points,
-                          oversample_ratio=c.oversample_ratio, importance_sample_ratio=c.importance_sample_ratio)
-
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

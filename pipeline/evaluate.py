@@ -223,18 +223,9 @@ class Scorer:
 
 def model_config(cfg: EvalConfig):
     """The preset's config with the inference-size overrides applied."""
-    from ebseg_core import preset_config
+    from ebseg_core import preset_config, with_inference_settings
 
-    mc = preset_config(cfg.preset)
-    changes: dict[str, int] = {}
-    if cfg.inference_size:
-        changes["test_min_size"] = cfg.inference_size
-        changes["test_max_size"] = cfg.inference_max_size or max(mc.test_max_size, cfg.inference_size)
-    elif cfg.inference_max_size:
-        changes["test_max_size"] = cfg.inference_max_size
-    import dataclasses
-
-    return dataclasses.replace(mc, **changes) if changes else mc
+    return with_inference_settings(preset_config(cfg.preset), cfg.inference_size, cfg.inference_max_size)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -262,16 +262,9 @@ class ModelSpec:
 
     def config(self):
         """The preset's config with the inference-size overrides applied."""
-        from ebseg_core import preset_config
+        from ebseg_core import preset_config, with_inference_settings
 
-        cfg = preset_config(self.preset)
-        changes = {}
-        if self.inference_size:
-            changes["test_min_size"] = self.inference_size
-            changes["test_max_size"] = self.inference_max_size or max(cfg.test_max_size, self.inference_size)
-        elif self.inference_max_size:
-            changes["test_max_size"] = self.inference_max_size
-        return dataclasses.replace(cfg, **changes) if changes else cfg
+        return with_inference_settings(preset_config(self.preset), self.inference_size, self.inference_max_size)
 
 
 class Labeler:

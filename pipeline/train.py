@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ebseg_core.criterion import CriterionConfig
+from ebseg_core.config import CriterionConfig
 from ebseg_core.train_data import AugmentConfig, DatasetError, DatasetSpec, list_dataset, read_sample
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,13 @@ class ModelConfig:
     clip_pretrained: str | None = None  # open_clip pretrained tag or file for both CLIP towers ("openai")
     sam_checkpoint: str | None = None  # official SAM checkpoint (path or URL) for the SAM backbone
     text_cache_dir: str | None = None
+    # Validation inference: shortest side (None: the preset's 640, as the official evaluation). Models
+    # trained on small crops are validated near their training scale (tiny_generic.yaml: 128).
+    inference_size: int | None = None
+    # Balancing weights of the CLIP branches at validation (None: the preset's official values).
+    inference_alpha: float | None = None
+    inference_beta: float | None = None
+    inference_gamma: float | None = None
 
 
 @dataclass
@@ -320,6 +327,14 @@ def prepare(cfg: TrainConfig) -> dict:
     """Driver-side checks and listings; returns what every worker needs (JSON-serialisable)."""
     if not cfg.data.train:
         raise ConfigError("data.train is not set: give the training dataset root (local path or s3://...)")
+    from ebseg_core import preset_config, with_inference_settings
+
+    m = cfg.model
+    try:
+        with_inference_settings(preset_config(m.preset), m.inference_size, alpha=m.inference_alpha,
+                                beta=m.inference_beta, gamma=m.inference_gamma)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
     if cfg.solver.ims_per_batch % cfg.run.num_workers:
         raise ConfigError(
             f"solver.ims_per_batch={cfg.solver.ims_per_batch} is not divisible by run.num_workers={cfg.run.num_workers}"
@@ -418,9 +433,11 @@ class _LossModule(torch.nn.Module):
 
 def build_training_model(mcfg: ModelConfig) -> torch.nn.Module:
     """The preset's model: from an EBSeg checkpoint (fine-tuning), or CLIP/SAM pretrained towers + a fresh head."""
-    from ebseg_core import build_model, load_open_clip_weights, load_sam_weights
+    from ebseg_core import build_model, load_open_clip_weights, load_sam_weights, preset_config, with_inference_settings
 
-    model = build_model(mcfg.preset, checkpoint=mcfg.checkpoint)
+    cfg = with_inference_settings(preset_config(mcfg.preset), mcfg.inference_size, alpha=mcfg.inference_alpha,
+                                  beta=mcfg.inference_beta, gamma=mcfg.inference_gamma)
+    model = build_model(cfg, checkpoint=mcfg.checkpoint)
     if not mcfg.checkpoint:
         if mcfg.clip_pretrained:
             load_open_clip_weights(model, pretrained=mcfg.clip_pretrained)

@@ -248,8 +248,8 @@ def test_two_node_training_on_s3_learns_and_resumes_exactly(two_nodes, s3, s3_pr
         sys.executable, "-m", "jobs.train", "--address", address, "--config", str(CONFIGS / "tiny_generic.yaml"),
         "--result-json", str(result_json), "--set", f"data.train={train_url}", f"data.val={val_url}",
         f"run.storage_path={storage}", "run.name=two-node", "run.num_workers=2", "run.placement_strategy=STRICT_SPREAD",
-        "solver.max_iter=96", "solver.base_lr=0.003", "solver.ims_per_batch=4", "run.checkpoint_period=32",
-        "run.log_period=8", "run.val_period=96", "run.fail_at_iteration=40", "run.max_failures=1", "run.num_to_keep=5",
+        "solver.max_iter=128", "solver.base_lr=0.002", "solver.ims_per_batch=4", "run.checkpoint_period=32",
+        "run.log_period=8", "run.val_period=128", "run.fail_at_iteration=40", "run.max_failures=1", "run.num_to_keep=5",
     ]  # fmt: skip
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=900)
@@ -260,7 +260,7 @@ def test_two_node_training_on_s3_learns_and_resumes_exactly(two_nodes, s3, s3_pr
     print(f"two-node run: {wall:.0f} s wall, {result['it_per_s']:.2f} it/s, val mIoU {result['val_miou']:.3f}")
 
     # Both workers ran, on different nodes, and the run finished after one injected failure.
-    assert result["iteration"] == 96 and result["world_size"] == 2 and result["num_nodes"] == 2
+    assert result["iteration"] == 128 and result["world_size"] == 2 and result["num_nodes"] == 2
     assert result["resumed_from"] == 32
 
     # Resume restored the exact optimizer state saved at iteration 32.
@@ -270,19 +270,20 @@ def test_two_node_training_on_s3_learns_and_resumes_exactly(two_nodes, s3, s3_pr
         with s3.fs.open(c + "/train_state.pt", "rb") as f:
             st = torch.load(f, map_location="cpu", weights_only=False)
         states[st["iteration"]] = st
-    assert {32, 64, 96} <= set(states)
+    assert {32, 64, 128} <= set(states)
     assert result["resume_optimizer_digest"] == states[32]["optimizer_digest"]
-    assert states[96]["rng"] and len(states[96]["rng"]) == 2
-    assert set(states[96]["model"]) and all(not k.startswith("clip_rec_head.") for k in states[96]["model"])
+    assert states[128]["rng"] and len(states[128]["rng"]) == 2
+    assert set(states[128]["model"]) and all(not k.startswith("clip_rec_head.") for k in states[128]["model"])
 
     # Loss goes down: the mean over the last reports is well below the first.
-    hist = result_history = result["loss_history"] if "loss_history" in result else states[96]["loss_history"]
-    assert [h[0] for h in hist][:2] == [8, 16] and hist[-1][0] == 96
+    hist = result_history = result["loss_history"] if "loss_history" in result else states[128]["loss_history"]
+    assert [h[0] for h in hist][:2] == [8, 16] and hist[-1][0] == 128
     first, last = hist[0][1], sum(h[1] for h in hist[-2:]) / 2
     assert last < 0.85 * first, result_history
 
-    # Validation mIoU above the best trivial predictor on held-out images.
-    assert result["val_miou"] > _chance_miou(local_val, 4) + 0.05, result["val_miou"]
+    # Validation mIoU well above the best trivial predictor on held-out images (the tiny config validates
+    # with the trained classifier alone: its CLIP towers are random; see configs/tiny_generic.yaml).
+    assert result["val_miou"] > _chance_miou(local_val, 4) + 0.1, result["val_miou"]
 
 
 def test_ray_job_submit_trains_and_leaves_checkpoint_in_bucket(ray_head, s3, s3_prefix, tmp_path):
