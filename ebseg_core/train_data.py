@@ -48,6 +48,7 @@ __all__ = [
     "TrainSampleDataset",
     "EvalSampleDataset",
     "collate_train",
+    "ignore_label_for",
     "shard_positions",
 ]
 
@@ -55,6 +56,13 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 IGNORE_LABEL = 255
+IGNORE_LABEL_16BIT = 65535
+
+
+def ignore_label_for(num_classes: int) -> int:
+    """The ignore value of a dataset's label maps: 255 up to 255 classes (8-bit PNGs, the official
+    COCO-Stuff/ADE-150 convention), 65535 above (16-bit labels: ADE-847, PC-459, our curation exports)."""
+    return IGNORE_LABEL if num_classes <= 255 else IGNORE_LABEL_16BIT
 
 
 class DatasetError(ValueError):
@@ -74,7 +82,6 @@ class AugmentConfig:
     flip: bool = True
     pad_size: int = 640  # the mapper pads every sample to exactly this size (its SIZE_DIVISIBILITY)
     image_pad_value: int = 128
-    ignore_label: int = IGNORE_LABEL
 
     def __post_init__(self) -> None:
         self.min_sizes = tuple(int(s) for s in self.min_sizes)
@@ -232,11 +239,12 @@ def read_sample(sample: Sample, num_classes: int | None, storage_options: dict |
             f"{image.shape[1]}x{image.shape[0]}"
         )
     if num_classes is not None:
-        bad = (label >= num_classes) & (label != IGNORE_LABEL)
+        ignore = ignore_label_for(num_classes)
+        bad = (label >= num_classes) & (label != ignore)
         if bad.any():
             raise DatasetError(
                 f"label {sample.label} has value {int(label[bad].max())} but the dataset has {num_classes} classes "
-                f"(valid: 0..{num_classes - 1}, {IGNORE_LABEL} = ignore); check class_names.txt"
+                f"(valid: 0..{num_classes - 1}, {ignore} = ignore); check class_names.txt"
             )
     return image, label
 
@@ -261,7 +269,7 @@ def _resize_shortest_edge(image: np.ndarray, label: np.ndarray, cfg: AugmentConf
     return image, label
 
 
-def _random_crop(image: np.ndarray, label: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator):
+def _random_crop(image: np.ndarray, label: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator, ignore: int):
     h, w = label.shape
     ch, cw = min(cfg.crop_size[0], h), min(cfg.crop_size[1], w)
 
@@ -274,7 +282,7 @@ def _random_crop(image: np.ndarray, label: np.ndarray, cfg: AugmentConfig, rng: 
         for _ in range(10):
             crop = label[y0 : y0 + ch, x0 : x0 + cw]
             vals, cnt = np.unique(crop, return_counts=True)
-            cnt = cnt[vals != cfg.ignore_label]
+            cnt = cnt[vals != ignore]
             if len(cnt) > 1 and cnt.max() / cnt.sum() < cfg.single_category_max_area:
                 break
             y0, x0 = pick()
@@ -354,16 +362,17 @@ def _color_aug_ssd(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return image
 
 
-def augment(image: np.ndarray, label: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+def augment(image: np.ndarray, label: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator,
+            ignore_label: int = IGNORE_LABEL) -> tuple[Tensor, Tensor]:
     """Official training augmentation -> (image uint8 [3,P,P], label int64 [P,P]) padded to ``pad_size``."""
     image, label = _resize_shortest_edge(image, label, cfg, rng)
     if cfg.crop_enabled:
-        image, label = _random_crop(image, label, cfg, rng)
+        image, label = _random_crop(image, label, cfg, rng, ignore_label)
     if cfg.color_aug:
         image = _color_aug_ssd(image, rng)
     if cfg.flip and rng.random() < 0.5:
         image, label = image[:, ::-1], label[:, ::-1]
-    return pad_sample(image, label, cfg.pad_size, cfg.image_pad_value, cfg.ignore_label)
+    return pad_sample(image, label, cfg.pad_size, cfg.image_pad_value, ignore_label)
 
 
 def pad_sample(image: np.ndarray, label: np.ndarray, pad_size: int, image_pad: int = 128, ignore: int = IGNORE_LABEL):
@@ -427,6 +436,7 @@ class TrainSampleDataset(torch.utils.data.Dataset):
     ):
         self.samples = list(samples)
         self.num_classes = num_classes
+        self.ignore_label = ignore_label_for(num_classes)
         self.cfg = augment_cfg
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.skip_bad = skip_bad
@@ -450,8 +460,8 @@ class TrainSampleDataset(torch.utils.data.Dataset):
                 log.warning("skipping bad sample (%d so far on this worker): %s", self.bad_samples, e)
                 continue
             rng = np.random.default_rng([self.seed, self.rank, position])
-            img, lab = augment(image, label, self.cfg, rng)
-            return {"image": img, "label": lab, "bad": attempt}
+            img, lab = augment(image, label, self.cfg, rng, self.ignore_label)
+            return {"image": img, "label": lab, "ignore": self.ignore_label, "bad": attempt}
         raise DatasetError("100 bad samples in a row; the dataset looks broken")
 
 
@@ -470,8 +480,8 @@ class EvalSampleDataset(torch.utils.data.Dataset):
         return read_sample(self.samples[i], self.num_classes, self.storage_options)
 
 
-def collate_train(batch: list[dict], ignore_label: int = IGNORE_LABEL) -> tuple[Tensor, list[dict], int]:
+def collate_train(batch: list[dict]) -> tuple[Tensor, list[dict], int]:
     """Stack images [B,3,P,P] (uint8) and build per-image targets from the label maps."""
     images = torch.stack([b["image"] for b in batch])
-    targets = [instances_from_label(b["label"], ignore_label) for b in batch]
+    targets = [instances_from_label(b["label"], b["ignore"]) for b in batch]
     return images, targets, sum(int(b["bad"]) for b in batch)

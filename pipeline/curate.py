@@ -415,8 +415,9 @@ class LabelFilter:
 
     @property
     def ignore_index(self) -> int:
-        n = len(self.keep_ids) if self.remap else self.num_classes
-        return 255 if n <= 255 else 65535
+        from ebseg_core.train_data import ignore_label_for
+
+        return ignore_label_for(len(self.keep_ids) if self.remap else self.num_classes)
 
     def lut(self) -> np.ndarray:
         """Lookup table old id -> exported id (ignore_index for dropped classes)."""

@@ -281,26 +281,6 @@ class PolyLR(torch.optim.lr_scheduler.LambdaLR):
         return sd
 
 
-def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore: int = 255) -> np.ndarray:
-    """[C, C] counts of (gt, pred) pixels, ignoring ``ignore`` in the ground truth."""
-    valid = gt != ignore
-    idx = gt[valid].astype(np.int64) * num_classes + pred[valid].astype(np.int64)
-    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def miou_from_confusion(conf: np.ndarray) -> float:
-    """Mean IoU as detectron2's SemSegEvaluator: sum over classes present in gt / classes present anywhere."""
-    tp = np.diag(conf).astype(np.float64)
-    pos_gt = conf.sum(1).astype(np.float64)
-    pos_pred = conf.sum(0).astype(np.float64)
-    union = pos_gt + pos_pred - tp
-    iou = np.divide(tp, union, out=np.zeros_like(tp), where=union > 0)
-    valid_union = (pos_gt + pos_pred) > 0
-    if valid_union.sum() == 0:
-        return float("nan")
-    return float(iou[pos_gt > 0].sum() / valid_union.sum())
-
-
 # --------------------------------------------------------------------------------------------------
 # Driver side
 # --------------------------------------------------------------------------------------------------
@@ -486,7 +466,8 @@ def train_loop_per_worker(payload: dict) -> None:
     from ray.train import Checkpoint
 
     from ebseg_core.criterion import EBSegCriterion
-    from ebseg_core.train_data import EvalSampleDataset, Sample, TrainSampleDataset, collate_train
+    from ebseg_core.evaluation import SemSegEvaluator
+    from ebseg_core.train_data import EvalSampleDataset, Sample, TrainSampleDataset, collate_train, ignore_label_for
     from ebseg_core.vocabulary import Vocabulary
 
     cfg = config_from_dict(payload["config"])
@@ -551,19 +532,20 @@ def train_loop_per_worker(payload: dict) -> None:
     val_samples = [Sample(*s) for s in payload["val_samples"]]
 
     def validate() -> float:
+        """mIoU (fraction, detectron2's definition) of the validation set, sharded over the workers."""
         model.eval()
-        conf = np.zeros((len(vocab), len(vocab)), dtype=np.int64)
+        evaluator = SemSegEvaluator(len(vocab), ignore_label_for(len(vocab)))
         shard = EvalSampleDataset(val_samples[rank::world], len(vocab))
         with torch.no_grad():
             for i in range(len(shard)):
                 image, label = shard[i]
-                seg = model.segment([image], vocab, batch_size=1)[0]
-                conf += confusion_matrix(seg.label_map.numpy(), label, len(vocab))
+                evaluator.process(model.segment([image], vocab, batch_size=1)[0].label_map, label)
         model.train()
-        t = torch.from_numpy(conf).to(device)
+        t = torch.from_numpy(evaluator.matrix).to(device)
         if world > 1:
             dist.all_reduce(t)
-        return miou_from_confusion(t.cpu().numpy())
+        evaluator.matrix = t.cpu().numpy()
+        return evaluator.compute()["mIoU"] / 100.0
 
     params = [p for p in model.parameters() if p.requires_grad]
     nodes = [None] * world

@@ -156,3 +156,28 @@ def test_class_name_file_errors(tmp_path):
     with pytest.raises(DatasetError, match="no images"):
         (tmp_path / "class_names.txt").write_text("a\n")
         list_dataset(DatasetSpec(root=str(tmp_path)))
+
+
+def test_more_than_255_classes_use_16bit_labels_with_65535_ignore(tmp_path):
+    """Labels of a 300-class dataset (e.g. a curation export of a large vocabulary): 255 is a class,
+    65535 is ignore, the same convention `ebseg curate export` writes."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    image = np.zeros((64, 64, 3), np.uint8)
+    label = np.full((64, 64), 65535, np.uint16)
+    label[:32] = 255
+    label[32:, :32] = 299
+    Image.fromarray(image).save(tmp_path / "images" / "a.png")
+    Image.fromarray(label).save(tmp_path / "labels" / "a.png")
+    (tmp_path / "class_names.txt").write_text("\n".join(f"c{i}" for i in range(300)) + "\n")
+    samples, names = list_dataset(DatasetSpec(root=str(tmp_path)))
+    _, read = read_sample(samples[0], num_classes=len(names))
+    assert read.max() == 65535
+    cfg = AugmentConfig(min_sizes=(64,), crop_size=(64, 64), pad_size=64, color_aug=False, flip=False)
+    ds = TrainSampleDataset(samples, len(names), cfg)
+    _, targets, _ = collate_train([ds[0]])
+    assert targets[0]["labels"].tolist() == [255, 299]
+    assert int(targets[0]["masks"].sum()) == 32 * 64 + 32 * 32
+    # A 4-class dataset keeps the 8-bit convention: 255 is ignore, anything else above 3 is an error.
+    with pytest.raises(DatasetError, match="255 = ignore"):
+        read_sample(samples[0], num_classes=4)
