@@ -259,6 +259,9 @@ def test_sigkill_mid_job_then_rerun_is_exactly_once(ray_head, s3, s3_prefix, cor
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
     env = job_env(s3, ray_tmp)
     env["RAY_ADDRESS"] = ray_head.address
+    # The head runs without token auth; an earlier ray.init() in this pytest process (the ray_local
+    # fixture) left RAY_AUTH_MODE=token in os.environ, and a driver with it cannot start actors there.
+    env["RAY_AUTH_MODE"] = ray_head.env["RAY_AUTH_MODE"]
     out_path = s3_prefix.removeprefix("s3://")
     cmd = job_cmd(input_url, s3_prefix, "--shard-size", "2", "--batch-size", "2")
     log = open(tmp_path / "run1.log", "wb")
