@@ -249,8 +249,8 @@ def _port_open(port: int) -> bool:
 def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
+        try:  # a throwaway test cluster: no need to wait for a graceful shutdown
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
