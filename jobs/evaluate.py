@@ -119,15 +119,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ebseg evaluate", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    try:
-        from jobs.cli import module_main  # type: ignore
-    except ImportError:
-        sys.exit(main())
+    from jobs.cli import module_main
+
     sys.exit(module_main(sys.modules[__name__]))

@@ -56,15 +56,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ebseg prepare-data", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    try:
-        from jobs.cli import module_main  # type: ignore
-    except ImportError:
-        sys.exit(main())
+    from jobs.cli import module_main
+
     sys.exit(module_main(sys.modules[__name__]))

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from jobs.cli import UsageError
+
 EPILOG = """\
 examples:
   ebseg segment photo.jpg street.png --vocabulary "sky,tree;trees,road,car;cars" \\
@@ -18,10 +20,6 @@ For each IMAGE it writes <out>/<name>.label.png (class index per pixel, 8-bit, o
 classes), <out>/<name>.overlay.png (colours + legend) and <out>/classes.json (index -> names).
 For folders or buckets of images use `ebseg label` (Ray, resumable, Parquet).
 """
-
-
-class UsageError(ValueError):
-    pass
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,20 +101,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ebseg segment", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (UsageError, ValueError, FileNotFoundError) as e:
-        print(f"ebseg segment: error: {e}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
-    try:
-        from jobs.cli import module_main
-    except ImportError:
-        sys.exit(main())
+    from jobs.cli import module_main
+
     sys.exit(module_main(sys.modules[__name__]))

@@ -67,15 +67,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        from jobs.cli import module_main
-    except ImportError:
-        parser = argparse.ArgumentParser(prog="python -m jobs.train")
-        add_arguments(parser)
-        return run(parser.parse_args(argv))
-    return module_main(sys.modules[__name__], argv) if argv is not None else module_main(sys.modules[__name__])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.cli import module_main
+
+    sys.exit(module_main(sys.modules[__name__]))

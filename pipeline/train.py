@@ -30,7 +30,6 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from jobs import curate as cli
+from jobs.cli import module_main
 from pipeline import curate as C
 from tests.test_curate_data import NAMES, build_label_dataset
 
@@ -27,7 +28,7 @@ def fx(s3):
 
 
 def _run(capsys, *argv):
-    rc = cli.main(list(argv))
+    rc = module_main(cli, list(argv))
     out, err = capsys.readouterr()
     return rc, out, err
 

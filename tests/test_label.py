@@ -199,18 +199,19 @@ def test_manifest_inputs(tmp_path):
 
 
 def test_empty_input_is_a_clear_error(tmp_path, capsys):
-    from jobs.label import main
+    from jobs import label as label_job
+    from jobs.cli import module_main
 
     (tmp_path / "in").mkdir()
-    rc = main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--vocabulary", VOCAB,
+    rc = module_main(label_job, ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--vocabulary", VOCAB,
                *MODEL_FLAGS])
     assert rc == 2
     assert "no input files found" in capsys.readouterr().err
-    rc = main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out2"), "--vocabulary", "a,,b",
+    rc = module_main(label_job, ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out2"), "--vocabulary", "a,,b",
                "--preset", "ebseg-tiny"])
     err = capsys.readouterr().err
     assert rc == 2 and "--random-weights" in err  # no checkpoint: refused before anything else
-    rc = main(["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "out3"), "--vocabulary", ",;,",
+    rc = module_main(label_job, ["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "out3"), "--vocabulary", ",;,",
                *MODEL_FLAGS])
     assert rc == 2 and "vocabulary" in capsys.readouterr().err
 

@@ -14,7 +14,8 @@ from scipy.io import savemat
 
 from ebseg_core.data import get_benchmark, list_pairs, load_class_names
 from ebseg_core.data.ade847_ids import ADE847_ADE20K_IDS
-from jobs.prepare_data import main as prepare_main
+from jobs import prepare_data as prepare_job
+from jobs.cli import module_main
 from pipeline.evaluate import read_label
 from pipeline.prepare_data import (
     COCO171_IDS,
@@ -77,7 +78,7 @@ def test_ade150_end_to_end_then_listed(tmp_path):
         lab[:, 4:] = i + 1
         _png(raw / "annotations/validation" / f"ADE_val_{i:08d}.png", lab)
     out = tmp_path / "datasets"
-    assert prepare_main(["ade150", "--raw", str(raw), "--out", str(out)]) == 0
+    assert module_main(prepare_job, ["ade150", "--raw", str(raw), "--out", str(out)]) == 0
     pairs = list_pairs("ade150", str(out))
     assert [p.key for p in pairs] == [f"ADE_val_{i:08d}" for i in range(3)]
     lab = np.array(Image.open(pairs[2].label_uri))
@@ -104,7 +105,7 @@ def test_coco171_end_to_end_to_s3(tmp_path, s3, s3_prefix):
     raw = tmp_path / "coco"
     _jpg(raw / "val2017/000000000139.jpg", 2, 3)
     _png(raw / "stuffthingmaps/val2017/000000000139.png", np.array([[0, 181, 255], [92, 11, 61]]))
-    assert prepare_main(["coco171", "--raw", str(raw), "--out", s3_prefix]) == 0
+    assert module_main(prepare_job, ["coco171", "--raw", str(raw), "--out", s3_prefix]) == 0
     pairs = list_pairs("coco171", s3_prefix)
     assert len(pairs) == 1 and pairs[0].label_uri.endswith("coco/stuffthingmaps_detectron2/val2017/000000000139.png")
     with s3.fs.open(pairs[0].label_uri, "rb") as f:
@@ -115,13 +116,13 @@ def test_coco171_end_to_end_to_s3(tmp_path, s3, s3_prefix):
 
 
 def test_clear_errors(tmp_path, capsys):
-    assert prepare_main(["ade150", "--raw", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert module_main(prepare_job, ["ade150", "--raw", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "ADEChallengeData2016 folder" in capsys.readouterr().err
-    assert prepare_main(["kitti", "--raw", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert module_main(prepare_job, ["kitti", "--raw", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "unknown benchmark" in capsys.readouterr().err
     (tmp_path / "VOC2012/JPEGImages").mkdir(parents=True)
     (tmp_path / "VOC2012/SegmentationClass").mkdir()
-    assert prepare_main(["voc20", "--raw", str(tmp_path / "VOC2012"), "--out", str(tmp_path / "o")]) == 2
+    assert module_main(prepare_job, ["voc20", "--raw", str(tmp_path / "VOC2012"), "--out", str(tmp_path / "o")]) == 2
     assert "split list" in capsys.readouterr().err
 
 
@@ -238,7 +239,7 @@ def test_pc59_end_to_end_then_listed(tmp_path):
                   {"id": 2, "image_id": 2008000002, "category_id": 360, "segmentation": _rle(top)},
                   {"id": 3, "image_id": 2008000007, "category_id": 2, "segmentation": _rle(top)}])
     out = tmp_path / "datasets"
-    assert prepare_main(["pc59", "--raw", str(raw), "--out", str(out)]) == 0
+    assert module_main(prepare_job, ["pc59", "--raw", str(raw), "--out", str(out)]) == 0
     pairs = list_pairs("pc59", str(out))
     assert [p.key for p in pairs] == ["2008_000002", "2008_000003"]  # val phase only; all-background kept
     assert pairs[0].label_uri.endswith("pcontext/val/label/2008_000002.png")
@@ -263,7 +264,7 @@ def test_pc459_end_to_end_writes_16bit_tiff(tmp_path):
     label_map = np.array([[0, 1, 2, 459], [284, 0, 0, 0], [1, 1, 1, 1]], np.uint16)
     savemat(raw / "trainval/2008_000002.mat", {"LabelMap": label_map})
     out = tmp_path / "datasets"
-    assert prepare_main(["pc459", "--raw", str(raw), "--out", str(out)]) == 0
+    assert module_main(prepare_job, ["pc459", "--raw", str(raw), "--out", str(out)]) == 0
     pairs = list_pairs("pc459", str(out))
     assert len(pairs) == 1 and pairs[0].label_uri.endswith("pcontext_full/val/label/2008_000002.tif")
     assert pairs[0].image_uri.endswith("pcontext_full/val/image/2008_000002.jpg")
@@ -296,7 +297,7 @@ def test_ade847_end_to_end_shrinks_like_maskformer(tmp_path):
                                                         "ADE_val_00000002.jpg"], "objectnames": ["-"]}
     (raw / "index_ade20k.pkl").write_bytes(pickle.dumps(index))
     out = tmp_path / "datasets"
-    assert prepare_main(["ade847", "--raw", str(raw), "--out", str(out)]) == 0
+    assert module_main(prepare_job, ["ade847", "--raw", str(raw), "--out", str(out)]) == 0
     pairs = list_pairs("ade847", str(out))
     assert [p.key for p in pairs] == ["ADE_val_00000001", "ADE_val_00000002"]
     assert pairs[0].label_uri.endswith("annotations_detectron2/validation/ADE_val_00000001.tif")
@@ -324,7 +325,7 @@ def _mkdir(path):
 
 def test_pc_and_ade847_clear_errors(tmp_path, capsys):
     def fails(name, raw, *expected):
-        assert prepare_main([name, "--raw", str(raw), "--out", str(tmp_path / "o")]) == 2
+        assert module_main(prepare_job, [name, "--raw", str(raw), "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         for text in expected:
             assert text in err

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from jobs import segment
+from jobs.cli import module_main
 from pipeline.schema import decode_label_png
 from tests.corpus import blob_image
 
@@ -16,7 +17,7 @@ def test_segment_writes_labels_and_overlays(tmp_path, capsys):
     rgb, _ = blob_image(90, 120, seed=5, num_classes=3)
     Image.fromarray(rgb).save(tmp_path / "blobs.png")
     out = tmp_path / "out"
-    rc = segment.main([str(tmp_path / "blobs.png"), "--vocabulary", "sky,tree;trees,road", "--preset", "ebseg-tiny",
+    rc = module_main(segment, [str(tmp_path / "blobs.png"), "--vocabulary", "sky,tree;trees,road", "--preset", "ebseg-tiny",
                        "--random-weights", "--out", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -32,11 +33,11 @@ def test_segment_writes_labels_and_overlays(tmp_path, capsys):
 def test_segment_refuses_without_weights_or_inputs(tmp_path, capsys):
     img = tmp_path / "x.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
-    assert segment.main([str(img), "--vocabulary", "a,b", "--preset", "ebseg-tiny", "--out", str(tmp_path)]) == 2
+    assert module_main(segment, [str(img), "--vocabulary", "a,b", "--preset", "ebseg-tiny", "--out", str(tmp_path)]) == 2
     assert "--random-weights" in capsys.readouterr().err
-    assert segment.main([str(tmp_path / "nope.jpg"), "--vocabulary", "a", "--preset", "ebseg-tiny",
+    assert module_main(segment, [str(tmp_path / "nope.jpg"), "--vocabulary", "a", "--preset", "ebseg-tiny",
                          "--random-weights", "--out", str(tmp_path)]) == 2
     assert "image not found" in capsys.readouterr().err
-    assert segment.main([str(img), "--vocabulary", "a,a", "--preset", "ebseg-tiny", "--random-weights",
+    assert module_main(segment, [str(img), "--vocabulary", "a,a", "--preset", "ebseg-tiny", "--random-weights",
                          "--out", str(tmp_path)]) == 2
     assert "appears twice" in capsys.readouterr().err
