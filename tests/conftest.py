@@ -258,9 +258,14 @@ def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
                 pass
             proc.wait(timeout=10)
     # Workers and agents of this head run with our temp dir on their command line.
-    deadline = time.time() + 10
+    kill_processes_mentioning(temp_dir)
+
+
+def kill_processes_mentioning(marker: str, within_s: float = 10.0) -> None:
+    """SIGKILL every process whose command line mentions ``marker`` (a Ray instance's private temp dir)."""
+    deadline = time.time() + within_s
     while time.time() < deadline:
-        leftovers = _pids_using(temp_dir)
+        leftovers = _pids_using(marker)
         if not leftovers:
             break
         for pid in leftovers:

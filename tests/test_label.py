@@ -27,6 +27,7 @@ from PIL import Image
 from pipeline.label import TEST_EXIT_ENV, LabelConfig, run_label
 from pipeline.listing import InputSpec, build_plan, read_plan_shard
 from pipeline.schema import decode_confidence_png, decode_label_png, metadata_from_schema
+from tests.conftest import kill_processes_mentioning
 from tests.corpus import blob_image
 from tests.flaky_proxy import FlakyProxy
 
@@ -147,27 +148,6 @@ def job_cmd(input_url: str, output: str, *more: str) -> list[str]:
             *MODEL_FLAGS, "--no-progress-bars", "--progress-interval", "5", *more]
 
 
-def kill_leftovers(marker: str) -> None:
-    """SIGKILL processes of a Ray instance we started (their command lines name its temp dir)."""
-    for _ in range(20):
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and int(entry) != os.getpid():
-                try:
-                    if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
-                        pids.append(int(entry))
-                except OSError:
-                    pass
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.25)
-
-
 # ------------------------------------------------------------------------------------------ tests
 
 
@@ -280,7 +260,7 @@ def test_sigkill_mid_job_then_rerun_is_exactly_once(ray_head, s3, s3_prefix, cor
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        kill_leftovers(ray_tmp)
+        kill_processes_mentioning(ray_tmp)
         log.close()
     names = [p.rsplit("/", 1)[-1] for p in s3.fs.ls(out_path, detail=False)]
     assert "_SUCCESS" not in names
@@ -288,7 +268,7 @@ def test_sigkill_mid_job_then_rerun_is_exactly_once(ray_head, s3, s3_prefix, cor
     try:
         res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     finally:
-        kill_leftovers(ray_tmp)
+        kill_processes_mentioning(ray_tmp)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads(s3.fs.cat_file(out_path + "_SUCCESS"))
     assert summary["inputs_skipped"] >= 2 * done_before > 0, summary  # the rerun did not redo finished shards
@@ -306,7 +286,7 @@ def test_transient_s3_errors_are_retried(s3, s3_prefix, corpus, tmp_path):
             res = subprocess.run(job_cmd(input_url, s3_prefix), cwd=REPO, env=env, capture_output=True, text=True,
                                  timeout=300)
         finally:
-            kill_leftovers(ray_tmp)
+            kill_processes_mentioning(ray_tmp)
         injected = proxy.injected
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert injected >= 5, f"only {injected} errors injected: the test proves nothing"
@@ -370,7 +350,7 @@ def test_two_node_cluster_same_rows(s3, corpus, reference_run, tmp_path):
         res = subprocess.run([sys.executable, "-c", TWO_NODE_SCRIPT, json.dumps(cfg)], cwd=REPO,
                              env=job_env(s3, ray_tmp), capture_output=True, text=True, timeout=300)
     finally:
-        kill_leftovers(ray_tmp)
+        kill_processes_mentioning(ray_tmp)
     assert res.returncode == 0 and "RESULT" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
     a, b = read_output(s3, one), read_output(s3, two)
     check_rows(b, expected)
