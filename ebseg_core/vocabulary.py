@@ -1,8 +1,9 @@
 """Vocabularies: the class names a user segments with, with synonyms.
 
-The first name of each class is the one formatted into the prompt templates. Synonyms decide whether a
-class counts as "seen" in training (any synonym among the COCO-Stuff-171 training synonyms), which
-selects the balancing weights at inference, exactly as the official model does.
+Each class has a prompt (the name formatted into the templates; by default its first synonym) and
+synonyms, which decide whether the class counts as "seen" in training (any synonym among the
+COCO-Stuff-171 training synonyms) and so select the balancing weights at inference, exactly as the
+official model does. The benchmark presets carry the official prompts and synonym lists.
 """
 
 from __future__ import annotations
@@ -34,8 +35,14 @@ class Vocabulary:
     synonyms: tuple[tuple[str, ...], ...]
     seen: tuple[bool, ...] | None = None  # explicit seen/unseen flags; computed from synonyms when None
     source: str = "custom"
+    prompts: tuple[str, ...] | None = None  # the name formatted into the templates; None: first synonyms
 
     def __post_init__(self):
+        if self.prompts is not None:
+            if len(self.prompts) != len(self.synonyms):
+                raise VocabularyError("prompts must have one entry per class")
+            if tuple(self.prompts) == tuple(s[0] for s in self.synonyms if s):
+                object.__setattr__(self, "prompts", None)  # one spelling per vocabulary (stable ids)
         if not self.synonyms:
             raise VocabularyError("the vocabulary is empty: give at least one class name")
         if len(self.synonyms) > MAX_CLASSES:
@@ -45,12 +52,14 @@ class Vocabulary:
         for i, syns in enumerate(self.synonyms):
             if not syns or any(not s.strip() for s in syns):
                 raise VocabularyError(f"class {i + 1} has an empty name")
+        if self.prompts is not None and any(not p.strip() for p in self.prompts):
+            raise VocabularyError("a class has an empty prompt")
         seen_names: dict[str, int] = {}
-        for i, syns in enumerate(self.synonyms):
-            key = syns[0].strip().lower()
+        for i, name in enumerate(self.names):
+            key = name.strip().lower()
             if key in seen_names:
                 raise VocabularyError(
-                    f"class name {syns[0]!r} appears twice (classes {seen_names[key] + 1} and {i + 1}); "
+                    f"class name {name!r} appears twice (classes {seen_names[key] + 1} and {i + 1}); "
                     "merge them as synonyms with ';'")
             seen_names[key] = i
         if self.seen is not None and len(self.seen) != len(self.synonyms):
@@ -59,7 +68,7 @@ class Vocabulary:
     @property
     def names(self) -> list[str]:
         """Prompt name of each class."""
-        return [s[0] for s in self.synonyms]
+        return list(self.prompts) if self.prompts is not None else [s[0] for s in self.synonyms]
 
     def __len__(self) -> int:
         return len(self.synonyms)
@@ -67,7 +76,10 @@ class Vocabulary:
     @property
     def id(self) -> str:
         """Stable id of the vocabulary's content (for lineage and caches)."""
-        payload = json.dumps({"synonyms": self.synonyms, "seen": self.seen}, sort_keys=True)
+        content = {"synonyms": self.synonyms, "seen": self.seen}
+        if self.prompts is not None:
+            content["prompts"] = self.prompts
+        payload = json.dumps(content, sort_keys=True)
         return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
     # -- construction -------------------------------------------------------------------------
@@ -86,13 +98,18 @@ class Vocabulary:
     @classmethod
     def from_file(cls, path: str | Path) -> "Vocabulary":
         """One class per line, synonyms separated by ';' (ours) or the official 'id:name,syn,...' format."""
-        from .data.benchmarks import BenchmarkError, read_class_names_file
+        from .data.benchmarks import BenchmarkError, read_class_list_file
 
         try:
-            classes = read_class_names_file(path)
+            classes = read_class_list_file(path)
         except BenchmarkError as e:
             raise VocabularyError(str(e)) from None
-        return cls(tuple(tuple(c) for c in classes), source=str(path))
+        return cls._from_class_list(classes, source=str(path))
+
+    @classmethod
+    def _from_class_list(cls, classes: list[tuple[str, list[str]]], source: str) -> "Vocabulary":
+        return cls(tuple(tuple(syns) for _, syns in classes), source=source,
+                   prompts=tuple(prompt for prompt, _ in classes))
 
     @classmethod
     def preset(cls, key: str) -> "Vocabulary":
@@ -101,9 +118,9 @@ class Vocabulary:
         if canonical is None:
             raise VocabularyError(f"unknown vocabulary preset {key!r}; choose one of "
                                   f"{sorted(set(_PRESET_ALIASES.values()))}")
-        from .data.benchmarks import load_class_names
+        from .data.benchmarks import load_class_list
 
-        return cls(tuple(tuple(s) for s in load_class_names(canonical)), source=f"preset:{canonical}")
+        return cls._from_class_list(load_class_list(canonical), source=f"preset:{canonical}")
 
     @classmethod
     def from_spec(cls, spec: str) -> "Vocabulary":
@@ -118,13 +135,15 @@ class Vocabulary:
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_json(self) -> str:
-        return json.dumps({"synonyms": self.synonyms, "seen": self.seen, "source": self.source})
+        return json.dumps({"synonyms": self.synonyms, "seen": self.seen, "source": self.source,
+                           "prompts": self.prompts})
 
     @classmethod
     def from_json(cls, text: str) -> "Vocabulary":
         d = json.loads(text)
         seen = tuple(d["seen"]) if d.get("seen") is not None else None
-        return cls(tuple(tuple(s) for s in d["synonyms"]), seen=seen, source=d.get("source", "custom"))
+        prompts = tuple(d["prompts"]) if d.get("prompts") is not None else None
+        return cls(tuple(tuple(s) for s in d["synonyms"]), seen=seen, source=d.get("source", "custom"), prompts=prompts)
 
     # -- seen / unseen ---------------------------------------------------------------------------
     def seen_flags(self, train_synonyms: list[list[str]] | None = None) -> list[bool]:
@@ -132,16 +151,17 @@ class Vocabulary:
         if self.seen is not None:
             return list(self.seen)
         if train_synonyms is None:
-            from .data.benchmarks import load_class_names
+            from .data.benchmarks import load_class_list
 
-            # EBSEG_TRAIN_CLASS_NAMES: a training class list with synonyms (e.g. the official
-            # coco_2017_train_stuff_sem_seg.txt) to reproduce the released models' seen/unseen split.
-            train_synonyms = load_class_names(os.environ.get("EBSEG_TRAIN_CLASS_NAMES", "coco171"))
+            # EBSEG_TRAIN_CLASS_NAMES: the training class list of a model trained on other classes
+            # (our format or the official 'id:name,syn' one); default: COCO-Stuff-171's official list.
+            classes = load_class_list(os.environ.get("EBSEG_TRAIN_CLASS_NAMES", "coco171"))
+            train_synonyms = [syns for _, syns in classes]
         train = {s for syns in train_synonyms for s in syns}
         return [not train.isdisjoint(syns) for syns in self.synonyms]
 
     def with_seen(self, seen: list[bool]) -> "Vocabulary":
-        return Vocabulary(self.synonyms, tuple(bool(s) for s in seen), self.source)
+        return Vocabulary(self.synonyms, tuple(bool(s) for s in seen), self.source, self.prompts)
 
 
 def _split_synonyms(text: str, sep: str) -> tuple[str, ...]:

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from ebseg_core.data import Benchmark, BenchmarkError, Pair, get_benchmark, list_pairs, load_class_names
+from ebseg_core.data import Benchmark, BenchmarkError, get_benchmark, list_pairs, load_class_names
+from ebseg_core.vocabulary import Vocabulary, VocabularyError
 from ebseg_core.evaluation import SemSegEvaluator
 
 #: Column titles of the printed table (the README's order: A-847, PC-459, A-150, PC-59, VOC).
@@ -133,7 +134,8 @@ class DatasetSpec:
     """What an actor needs per benchmark: its class list and label semantics."""
 
     name: str
-    synonyms: list[list[str]]
+    vocabulary_json: str  # ebseg_core.Vocabulary: the benchmark's prompts and synonyms
+    num_classes: int
     ignore_label: int
 
 
@@ -150,7 +152,7 @@ class Scorer:
         self.cfg = cfg
         self.specs = specs
         self.torch = torch
-        self.vocabs = {k: Vocabulary.from_names(s.synonyms) for k, s in specs.items()}
+        self.vocabs = {k: Vocabulary.from_json(s.vocabulary_json) for k, s in specs.items()}
         self.model = None
         if cfg.predictor == "model":
             from ebseg_core import build_model
@@ -206,7 +208,7 @@ class Scorer:
             spec = self.specs[ds]
             for (i, _, label), pred in zip(items, preds):
                 try:
-                    results[i] = sparse_confusion(pred, label, len(spec.synonyms), spec.ignore_label)
+                    results[i] = sparse_confusion(pred, label, spec.num_classes, spec.ignore_label)
                     seconds[i] = dt
                 except Exception as e:
                     errors[i] = f"{batch['label_uri'][i]}: {type(e).__name__}: {e}"
@@ -266,12 +268,12 @@ def dataset_specs(cfg: EvalConfig) -> dict[str, DatasetSpec]:
     specs = {}
     for b in cfg.benchmarks:
         try:
-            names = load_class_names(cfg.class_names_file or b.classes)
-        except BenchmarkError as e:
+            vocab = Vocabulary.from_file(cfg.class_names_file) if cfg.class_names_file else Vocabulary.preset(b.classes)
+        except VocabularyError as e:
             raise EvaluateError(str(e)) from None
-        if len(names) != b.num_classes:
-            raise EvaluateError(f"{b.name} has {b.num_classes} classes but the class list has {len(names)}")
-        specs[b.name] = DatasetSpec(b.name, names, b.ignore_label)
+        if len(vocab) != b.num_classes:
+            raise EvaluateError(f"{b.name} has {b.num_classes} classes but the class list has {len(vocab)}")
+        specs[b.name] = DatasetSpec(b.name, vocab.to_json(), len(vocab), b.ignore_label)
     return specs
 
 
@@ -298,7 +300,7 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalR
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * n)))
     ds = ds.map_batches(Scorer, fn_constructor_kwargs={"cfg": cfg, "specs": specs}, batch_size=cfg.batch_size,
                         batch_format="numpy", compute=ActorPoolStrategy(size=n), num_gpus=g, num_cpus=c)
-    evaluators = {b.name: SemSegEvaluator(b.num_classes, b.ignore_label, [s[0] for s in specs[b.name].synonyms])
+    evaluators = {b.name: SemSegEvaluator(b.num_classes, b.ignore_label, Vocabulary.from_json(specs[b.name].vocabulary_json).names)
                   for b in cfg.benchmarks}
     errors: dict[str, list[str]] = {b.name: [] for b in cfg.benchmarks}
     seconds: dict[str, float] = {b.name: 0.0 for b in cfg.benchmarks}

@@ -12,64 +12,67 @@ from ebseg_core.data import (
     BenchmarkError,
     get_benchmark,
     list_pairs,
+    load_class_list,
     load_class_names,
+    parse_class_list,
     parse_class_names,
 )
+from ebseg_core.vocabulary import Vocabulary
 
 EXPECTED_COUNTS = {"coco171": 171, "ade150": 150, "ade847": 847, "pc59": 59, "pc459": 459, "voc20": 20}
 
 
 @pytest.mark.parametrize("key", CLASS_LIST_KEYS)
 def test_class_lists_have_dataset_counts_and_clean_names(key):
-    classes = load_class_names(key)
+    classes = load_class_list(key)
     assert len(classes) == EXPECTED_COUNTS[key]
-    for syns in classes:
+    for prompt, syns in classes:
+        assert prompt == prompt.strip() and prompt and "|" not in prompt
         assert syns and all(s == s.strip() and s and ";" not in s for s in syns)
-    # prompt names are unique within a benchmark (the first synonym identifies the class)
-    firsts = [c[0] for c in classes]
-    assert len(set(firsts)) == len(firsts)
+    prompts = [p for p, _ in classes]
+    assert len(set(prompts)) == len(prompts)
 
 
-def test_ade847_repeated_head_words_keep_them_as_synonyms():
-    # ADE20K's WordNet names repeat a head word for different senses; the later class is prompted by
-    # its next synonym and keeps the head word as a synonym.
-    c = load_class_names("ade847")
-    assert c[153] == ["silver screen", "screen", "projection screen"]
-    assert c[147][0] == "screen"
-    assert sum("bag" in s for s in c) == 3
+# Seen classes per benchmark in the official model (its overlap of each class's synonyms with the
+# COCO-Stuff-171 training synonyms, computed in its EBSeg.__init__), and the unseen PC-59 classes.
+OFFICIAL_SEEN = {"coco171": 171, "voc20": 20, "pc59": 51, "pc459": 94, "ade150": 67, "ade847": 115}
+OFFICIAL_PC59_UNSEEN = [1, 3, 18, 32, 40, 44, 45, 58]
 
 
-def test_known_positions_of_public_definitions():
-    coco = load_class_names("coco171")
-    assert coco[0] == ["person"] and coco[79] == ["toothbrush"] and coco[80] == ["banner"]
-    assert coco[-1] == ["wood"]
-    ade = load_class_names("ade150")
-    assert ade[0] == ["wall"] and ade[12][0] == "person" and ade[-1] == ["flag"]
-    assert "double door" in ade[14]
-    ade847 = load_class_names("ade847")
-    assert ade847[0][0] == "wall" and ade847[2][0] == "sky"
-    voc = load_class_names("voc20")
-    assert voc[0][0] == "aeroplane" and voc[-1][0] == "tvmonitor"
-    pc59 = load_class_names("pc59")
-    pc459 = load_class_names("pc459")
-    # every PC-59 class is a PC-459 class (diningtable is 'table' in the full list)
-    full = {c[0] for c in pc459}
-    assert all((c[0] if c[0] != "diningtable" else "table") in full for c in pc59)
+@pytest.mark.parametrize("key", CLASS_LIST_KEYS)
+def test_presets_reproduce_the_official_seen_unseen_split(key):
+    flags = Vocabulary.preset(key).seen_flags()
+    assert sum(flags) == OFFICIAL_SEEN[key]
+    if key == "pc59":
+        assert [i for i, f in enumerate(flags) if not f] == OFFICIAL_PC59_UNSEEN
 
 
-def test_ade150_synonyms_mostly_agree_with_ade847():
-    # Both lists come from ADE20K's WordNet names; all but the merged/150-only classes appear verbatim.
-    full = {frozenset(c) for c in load_class_names("ade847")}
-    ade = load_class_names("ade150")
-    missing = [c for c in ade if frozenset(c) not in full]
-    assert [m[0] for m in missing] == ["door", "crt screen"]
+def test_prompts_are_the_official_registered_names():
+    # The official evaluation formats its dataset registration's names into the templates, commas and
+    # all ("road, route"); the synonym lists only decide seen/unseen. A prompt that is not among the
+    # synonyms must not count for the overlap: PC-59 "light" (synonyms lamp, bulb) is unseen although
+    # COCO has a "light" class, and so is ADE-150 "house" (synonym "house exterior").
+    ade = Vocabulary.preset("ade150")
+    assert ade.names[:8] == ["wall", "building", "sky", "floor", "tree", "ceiling", "road, route", "bed"]
+    assert ade.names[-1] == "flag" and ade.names[8] == "window"
+    assert ade.seen_flags()[0] and not ade.seen_flags()[ade.names.index("house")]
+    pc59 = Vocabulary.preset("pc59")
+    assert pc59.names[32] == "light" and not pc59.seen_flags()[32]
+    voc = Vocabulary.preset("voc20")
+    assert voc.names[-1] == "tv" and voc.synonyms[-1][0] == "tvmonitor"
+    ade847 = Vocabulary.preset("ade847")
+    assert ade847.names[1] == "building, edifice"
+    coco = Vocabulary.preset("coco171")
+    assert coco.names[0] == "person" and coco.names[-1] == "wood" and "wall" in coco.synonyms[coco.names.index("wall-other")]
 
 
 def test_parse_both_formats(tmp_path):
-    ours = parse_class_names("# comment\nwall;walls\n\nsky\n")
-    assert ours == [["wall", "walls"], ["sky"]]
+    ours = parse_class_names("# comment\nwall;walls\n\nsky\nroad, route|road;route\n")
+    assert ours == [["wall", "walls"], ["sky"], ["road, route", "road", "route"]]
+    assert parse_class_list("road, route|road;route\n") == [("road, route", ["road", "route"])]
     official = parse_class_names("1:wall,walls,brick wall\n2:sky,clouds\n")
     assert official == [["wall", "walls", "brick wall"], ["sky", "clouds"]]
+    assert len(parse_class_names("1:person\n2:bicycle\n13:stop sign\n")) == 3  # COCO ids skip numbers
     p = tmp_path / "mine.txt"
     p.write_text("cat;kitty\ndog\n")
     assert load_class_names(str(p)) == [["cat", "kitty"], ["dog"]]
@@ -78,8 +81,10 @@ def test_parse_both_formats(tmp_path):
 def test_parse_errors_are_clear():
     with pytest.raises(BenchmarkError, match="no 'id:' prefix"):
         parse_class_names("1:wall\nsky\n")
-    with pytest.raises(BenchmarkError, match="consecutive"):
-        parse_class_names("1:wall\n3:sky\n")
+    with pytest.raises(BenchmarkError, match="must increase"):
+        parse_class_names("1:wall\n3:sky\n2:tree\n")
+    with pytest.raises(BenchmarkError, match="no synonyms after"):
+        parse_class_names("road|\n")
     with pytest.raises(BenchmarkError, match="no class names"):
         parse_class_names("\n# nothing\n")
     with pytest.raises(BenchmarkError, match="known: coco171"):

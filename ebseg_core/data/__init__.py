@@ -8,7 +8,9 @@ from .benchmarks import (
     Pair,
     get_benchmark,
     list_pairs,
+    load_class_list,
     load_class_names,
+    parse_class_list,
     parse_class_names,
     read_class_names_file,
 )
@@ -21,7 +23,9 @@ __all__ = [
     "Pair",
     "get_benchmark",
     "list_pairs",
+    "load_class_list",
     "load_class_names",
+    "parse_class_list",
     "parse_class_names",
     "read_class_names_file",
 ]

@@ -43,12 +43,16 @@ class BenchmarkError(ValueError):
 _OFFICIAL_LINE = re.compile(r"^\s*(\d+)\s*:(.*)$")
 
 
-def parse_class_names(text: str, where: str = "class-name file") -> list[list[str]]:
-    """Parse a class list in our format (``name;syn;...`` per line) or the official one (``id:name,syn``).
+def parse_class_list(text: str, where: str = "class-name file") -> list[tuple[str, list[str]]]:
+    """Parse a class list into ``(prompt, synonyms)`` per class, in label order.
 
-    The official EBSeg/SAN files number their lines (``1:wall,walls``) and separate synonyms with ``,``;
-    ours have no number and use ``;`` so that names may contain commas. Blank lines and ``#`` comments
-    are skipped. The format is decided per file: either every class line is numbered or none is.
+    Our format: one class per line, synonyms separated by ``;`` (names may contain commas); the first
+    synonym is the prompt (the name formatted into the templates), unless the line names its prompt
+    before ``|``: ``road, route|road;route;street``. The official EBSeg/SAN files number their lines
+    (``1:wall,walls``) and separate synonyms with ``,``; their first name is the prompt. Synonyms only
+    decide whether a class counts as seen in training. Blank lines and ``#`` comments are skipped; a
+    file is in one format or the other. Official files may skip ids (COCO's category ids do) but must
+    list them in increasing order.
     """
     lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1)]
     lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
@@ -61,44 +65,64 @@ def parse_class_names(text: str, where: str = "class-name file") -> list[list[st
             f"{where}: line {n} has no 'id:' prefix while other lines do; use either the official "
             "'id:name,synonym,...' format on every line or ours ('name;synonym;...') on every line"
         )
-    classes: list[list[str]] = []
+    classes: list[tuple[str, list[str]]] = []
     if all(numbered):
         ids = []
         for n, line in lines:
             m = _OFFICIAL_LINE.match(line)
             assert m is not None
             ids.append(int(m.group(1)))
-            names = [s.strip() for s in m.group(2).split(",") if s.strip()]
+            names = _unique(s.strip() for s in m.group(2).split(","))
             if not names:
                 raise BenchmarkError(f"{where}: line {n} has an id but no class name")
-            classes.append(names)
-        if ids != list(range(ids[0], ids[0] + len(ids))):
-            raise BenchmarkError(
-                f"{where}: class ids must be consecutive and in order (label order); got {ids[:5]}..."
-            )
+            classes.append((names[0], names))
+        if any(b <= a for a, b in zip(ids, ids[1:])):
+            raise BenchmarkError(f"{where}: class ids must increase line by line (label order); got {ids[:5]}...")
         return classes
     for n, line in lines:
-        names = [s.strip() for s in line.split(";") if s.strip()]
-        classes.append(names)
+        prompt, bar, rest = line.partition("|")
+        names = _unique(s.strip() for s in (rest if bar else line).split(";"))
+        prompt = prompt.strip() if bar else (names[0] if names else "")
+        if not prompt or not names:
+            raise BenchmarkError(f"{where}: line {n} has an empty class name or no synonyms after '|'")
+        classes.append((prompt, names))
     return classes
 
 
-def read_class_names_file(path: str | os.PathLike) -> list[list[str]]:
-    """Read a class-name file (either format, see :func:`parse_class_names`)."""
+def _unique(names) -> list[str]:
+    out: list[str] = []
+    for name in names:
+        if name and name not in out:
+            out.append(name)
+    return out
+
+
+def parse_class_names(text: str, where: str = "class-name file") -> list[list[str]]:
+    """Names per class, the prompt first (see :func:`parse_class_list`): for display and lookups."""
+    return [[prompt, *[s for s in syns if s != prompt]] for prompt, syns in parse_class_list(text, where)]
+
+
+def read_class_list_file(path: str | os.PathLike) -> list[tuple[str, list[str]]]:
+    """Read a class-name file (either format) as ``(prompt, synonyms)`` per class."""
     p = Path(path)
     if not p.is_file():
         raise BenchmarkError(f"class-name file not found: {p}")
-    return parse_class_names(p.read_text(encoding="utf-8"), str(p))
+    return parse_class_list(p.read_text(encoding="utf-8"), str(p))
 
 
-def load_class_names(key: str) -> list[list[str]]:
-    """Per class (label order) its synonyms, first = prompt name, for a benchmark key or a file path.
+def read_class_names_file(path: str | os.PathLike) -> list[list[str]]:
+    """Read a class-name file (either format), prompt first per class."""
+    return [[prompt, *[s for s in syns if s != prompt]] for prompt, syns in read_class_list_file(path)]
+
+
+def load_class_list(key: str) -> list[tuple[str, list[str]]]:
+    """``(prompt, synonyms)`` per class (label order) for a benchmark key or a file path.
 
     ``key``: one of :data:`CLASS_LIST_KEYS` (or a benchmark name such as ``ade150-val``), or the path of
     a class-name file in our format or the official ``id:name,syn,...`` format.
     """
     if os.path.sep in key or key.endswith(".txt") or Path(key).is_file():
-        return read_class_names_file(key)
+        return read_class_list_file(key)
     canonical = key.lower()
     if canonical in BENCHMARKS:
         canonical = BENCHMARKS[canonical].classes
@@ -114,7 +138,12 @@ def load_class_names(key: str) -> list[list[str]]:
             f"the class list {canonical!r} is not shipped in this installation ({path} missing); pass "
             "a class-name file instead (our 'name;synonym' format or the official 'id:name,synonym')"
         )
-    return read_class_names_file(path)
+    return read_class_list_file(path)
+
+
+def load_class_names(key: str) -> list[list[str]]:
+    """Names per class (label order), the prompt first, for a benchmark key or a file path."""
+    return [[prompt, *[s for s in syns if s != prompt]] for prompt, syns in load_class_list(key)]
 
 
 # --------------------------------------------------------------------------------------------------
