@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs import curate as cli
+from jobs import curate as curate_job
+from jobs.cli import module_main
 from pipeline import report as R
 from tests.test_curate_data import NAMES, build_label_dataset
 
@@ -38,7 +39,7 @@ def fx(s3):
 @pytest.fixture(scope="module")
 def report_file(fx, tmp_path_factory):
     path = tmp_path_factory.mktemp("report") / "report.html"
-    rc = cli.main(["report", fx.url, "--out", str(path), "--max-classes", "4", "--samples-per-class", "3"])
+    rc = module_main(curate_job, ["report", fx.url, "--out", str(path), "--max-classes", "4", "--samples-per-class", "3"])
     assert rc == 0
     return path
 
@@ -101,10 +102,10 @@ def test_report_renders_in_headless_chromium(report_file, fx, tmp_path):
 
 def test_report_to_s3_and_bad_input(fx, s3, s3_prefix, capsys, tmp_path):
     out = s3_prefix + "reports/r.html"
-    assert cli.main(["report", fx.url, "--out", out, "--samples-per-class", "1", "--max-classes", "2"]) == 0
+    assert module_main(curate_job, ["report", fx.url, "--out", out, "--samples-per-class", "1", "--max-classes", "2"]) == 0
     assert s3.fs.cat(out).decode().startswith("<!DOCTYPE html>")
     capsys.readouterr()
-    assert cli.main(["report", str(tmp_path / "none"), "--out", str(tmp_path / "r.html")]) == 2
+    assert module_main(curate_job, ["report", str(tmp_path / "none"), "--out", str(tmp_path / "r.html")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
 
