@@ -19,7 +19,7 @@ import os
 import posixpath
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ import numpy as np
 from ebseg_core.data import Benchmark, BenchmarkError, get_benchmark, list_pairs, load_class_names
 from ebseg_core.vocabulary import Vocabulary, VocabularyError
 from ebseg_core.evaluation import SemSegEvaluator
+from pipeline.resources import actor_torch_threads, set_torch_threads
 
 #: Column titles of the printed table (the README's order: A-847, PC-459, A-150, PC-59, VOC).
 DISPLAY = {"ade847": "A-847", "pc459": "PC-459", "ade150": "A-150", "pc59": "PC-59", "voc20": "VOC",
@@ -147,8 +148,7 @@ class Scorer:
 
         from ebseg_core import Vocabulary
 
-        if cfg.torch_threads > 0:
-            torch.set_num_threads(cfg.torch_threads)
+        set_torch_threads(cfg.torch_threads)
         self.cfg = cfg
         self.specs = specs
         self.torch = torch
@@ -294,6 +294,8 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalR
                  for p in pairs]
     _ensure_ray()
     n, g, c = _resources(cfg, len(rows))
+    if not cfg.torch_threads:
+        cfg = replace(cfg, torch_threads=actor_torch_threads(g, n, c, default_share=cfg.num_cpus_per_actor is None))
     log(f"{n} actor(s), {g:g} GPU and {c:g} CPU each; predictor: {cfg.predictor}"
         + (f", model {cfg.preset}" if cfg.predictor == "model" else "") + (", TTA" if cfg.tta else ""))
     t0 = time.perf_counter()

@@ -22,7 +22,6 @@ import datetime as _dt
 import hashlib
 import io
 import json
-import math
 import os
 import time
 from collections import Counter, defaultdict
@@ -36,6 +35,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schema as S
 from pipeline.images import DEFAULT_MAX_PIXELS, DecodeError, decode_image_with_info
+from pipeline.resources import actor_torch_threads, set_torch_threads
 from pipeline.listing import (
     DEFAULT_EXTENSIONS,
     InputError,
@@ -256,7 +256,7 @@ class ModelSpec:
     preset: str
     checkpoint: str | None
     batch_size: int
-    torch_threads: int = 0  # 0: leave torch's default (Ray sets it to the actor's CPU share); -1: every core
+    torch_threads: int = 0  # see pipeline.resources.actor_torch_threads
     inference_size: int | None = None
     inference_max_size: int | None = None
 
@@ -276,8 +276,7 @@ class Labeler:
 
         from ebseg_core import build_model
 
-        if spec.torch_threads:
-            torch.set_num_threads(spec.torch_threads if spec.torch_threads > 0 else os.cpu_count() or 1)
+        set_torch_threads(spec.torch_threads)
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if spec.checkpoint is None:  # random weights: the same in every actor, so labels agree across actors
@@ -657,15 +656,7 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print) -> LabelSumm
     if hasattr(ctx, "max_consecutive_actor_init_deaths"):
         ctx.max_consecutive_actor_init_deaths = max(ctx.max_consecutive_actor_init_deaths, 3)
     n_actors, gpus, cpus = _resources(cfg)
-    # torch threads of a CPU actor: its CPU share, except a lone actor with the default share, which
-    # gets every core of its machine (Ray would give it OMP_NUM_THREADS=1): reading and encoding
-    # are light next to the model.
-    if gpus > 0:
-        threads = 0
-    elif n_actors == 1 and cfg.num_cpus_per_actor is None:
-        threads = -1
-    else:
-        threads = max(1, math.ceil(cpus))
+    threads = actor_torch_threads(gpus, n_actors, cpus, default_share=cfg.num_cpus_per_actor is None)
     mspec = dataclasses.replace(mspec, torch_threads=threads)
     vinfo = VocabInfo(names=list(vocab.names), synonyms=[list(s) for s in vocab.synonyms], id=vocab.id)
     test_exit = os.environ.get(TEST_EXIT_ENV) or None  # TEST ONLY
