@@ -362,3 +362,12 @@ def test_two_node_cluster_same_rows(s3, corpus, reference_run, tmp_path):
         if r["status"] == "ok":
             la, lb = decode_label_png(o["label_png"]), decode_label_png(r["label_png"])
             assert (la == lb).mean() > 0.99, r["uri"]
+
+
+def test_actor_torch_threads_rule():
+    from pipeline.resources import actor_torch_threads
+
+    assert actor_torch_threads(1.0, 1, 1.0, default_share=True) == 0  # GPU actor: torch's default
+    assert actor_torch_threads(0.0, 1, 1.0, default_share=True) == -1  # lone CPU actor: every core
+    assert actor_torch_threads(0.0, 3, 0.5, default_share=True) == 1  # several: their CPU share
+    assert actor_torch_threads(0.0, 1, 1.5, default_share=False) == 2  # the user's share, rounded up
