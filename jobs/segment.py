@@ -30,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     voc = parser.add_argument_group("vocabulary (one of)")
     voc.add_argument("--vocabulary", metavar="TEXT",
                      help="class names: ',' between classes, ';' between synonyms, e.g. \"cat,dog;puppy,grass\"")
-    voc.add_argument("--vocabulary-file", metavar="PATH", help="one class per line, synonyms separated by ';' (the first is the prompt, or name the prompt before '|': 'road, route|road;street')")
+    voc.add_argument("--vocabulary-file", metavar="PATH",
+                     help="one class per line, synonyms separated by ';' (the first is the prompt, "
+                          "or name the prompt before '|': 'road, route|road;street')")
     voc.add_argument("--vocabulary-preset", metavar="NAME", help="coco171, ade150, ade847, pc59, pc459 or voc20")
     mod = parser.add_argument_group("model")
     mod.add_argument("--checkpoint", metavar="PATH_OR_URL", help="EBSeg weights (official .pth or ours)")
