@@ -12,7 +12,7 @@ from .benchmarks import (
     load_class_names,
     parse_class_list,
     parse_class_names,
-    read_class_names_file,
+    read_class_list_file,
 )
 
 __all__ = [
@@ -27,5 +27,5 @@ __all__ = [
     "load_class_names",
     "parse_class_list",
     "parse_class_names",
-    "read_class_names_file",
+    "read_class_list_file",
 ]

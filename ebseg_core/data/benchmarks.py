@@ -97,9 +97,13 @@ def _unique(names) -> list[str]:
     return out
 
 
+def _prompt_first(classes: list[tuple[str, list[str]]]) -> list[list[str]]:
+    return [[prompt, *[s for s in syns if s != prompt]] for prompt, syns in classes]
+
+
 def parse_class_names(text: str, where: str = "class-name file") -> list[list[str]]:
     """Names per class, the prompt first (see :func:`parse_class_list`): for display and lookups."""
-    return [[prompt, *[s for s in syns if s != prompt]] for prompt, syns in parse_class_list(text, where)]
+    return _prompt_first(parse_class_list(text, where))
 
 
 def read_class_list_file(path: str | os.PathLike) -> list[tuple[str, list[str]]]:
@@ -108,11 +112,6 @@ def read_class_list_file(path: str | os.PathLike) -> list[tuple[str, list[str]]]
     if not p.is_file():
         raise BenchmarkError(f"class-name file not found: {p}")
     return parse_class_list(p.read_text(encoding="utf-8"), str(p))
-
-
-def read_class_names_file(path: str | os.PathLike) -> list[list[str]]:
-    """Read a class-name file (either format), prompt first per class."""
-    return [[prompt, *[s for s in syns if s != prompt]] for prompt, syns in read_class_list_file(path)]
 
 
 def load_class_list(key: str) -> list[tuple[str, list[str]]]:
@@ -143,7 +142,7 @@ def load_class_list(key: str) -> list[tuple[str, list[str]]]:
 
 def load_class_names(key: str) -> list[list[str]]:
     """Names per class (label order), the prompt first, for a benchmark key or a file path."""
-    return [[prompt, *[s for s in syns if s != prompt]] for prompt, syns in load_class_list(key)]
+    return _prompt_first(load_class_list(key))
 
 
 # --------------------------------------------------------------------------------------------------
