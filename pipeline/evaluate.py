@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ebseg_core.data import Benchmark, BenchmarkError, get_benchmark, list_pairs, load_class_names
+from ebseg_core.data import Benchmark, BenchmarkError, get_benchmark, list_pairs
 from ebseg_core.vocabulary import Vocabulary, VocabularyError
 from ebseg_core.evaluation import SemSegEvaluator
 from pipeline.resources import actor_torch_threads, set_torch_threads
@@ -135,8 +135,7 @@ class DatasetSpec:
     """What an actor needs per benchmark: its class list and label semantics."""
 
     name: str
-    vocabulary_json: str  # ebseg_core.Vocabulary: the benchmark's prompts and synonyms
-    num_classes: int
+    vocabulary: Vocabulary  # the benchmark's prompts and synonyms
     ignore_label: int
 
 
@@ -146,13 +145,11 @@ class Scorer:
     def __init__(self, cfg: EvalConfig, specs: dict[str, DatasetSpec]):
         import torch
 
-        from ebseg_core import Vocabulary
-
         set_torch_threads(cfg.torch_threads)
         self.cfg = cfg
         self.specs = specs
         self.torch = torch
-        self.vocabs = {k: Vocabulary.from_json(s.vocabulary_json) for k, s in specs.items()}
+        self.vocabs = {k: s.vocabulary for k, s in specs.items()}
         self.model = None
         if cfg.predictor == "model":
             from ebseg_core import build_model
@@ -208,7 +205,7 @@ class Scorer:
             spec = self.specs[ds]
             for (i, _, label), pred in zip(items, preds):
                 try:
-                    results[i] = sparse_confusion(pred, label, spec.num_classes, spec.ignore_label)
+                    results[i] = sparse_confusion(pred, label, len(spec.vocabulary), spec.ignore_label)
                     seconds[i] = dt
                 except Exception as e:
                     errors[i] = f"{batch['label_uri'][i]}: {type(e).__name__}: {e}"
@@ -264,17 +261,20 @@ def _resources(cfg: EvalConfig, num_items: int) -> tuple[int, float, float]:
     return n, g, c
 
 
+def benchmark_vocabulary(b: Benchmark, class_names_file: str | None = None) -> Vocabulary:
+    """The benchmark's class list (its preset, or a user's file in its place), checked against its class count."""
+    try:
+        vocab = Vocabulary.from_file(class_names_file) if class_names_file else Vocabulary.preset(b.classes)
+    except VocabularyError as e:
+        raise EvaluateError(str(e)) from None
+    if len(vocab) != b.num_classes:
+        raise EvaluateError(f"{b.name} has {b.num_classes} classes but the class list has {len(vocab)}")
+    return vocab
+
+
 def dataset_specs(cfg: EvalConfig) -> dict[str, DatasetSpec]:
-    specs = {}
-    for b in cfg.benchmarks:
-        try:
-            vocab = Vocabulary.from_file(cfg.class_names_file) if cfg.class_names_file else Vocabulary.preset(b.classes)
-        except VocabularyError as e:
-            raise EvaluateError(str(e)) from None
-        if len(vocab) != b.num_classes:
-            raise EvaluateError(f"{b.name} has {b.num_classes} classes but the class list has {len(vocab)}")
-        specs[b.name] = DatasetSpec(b.name, vocab.to_json(), len(vocab), b.ignore_label)
-    return specs
+    return {b.name: DatasetSpec(b.name, benchmark_vocabulary(b, cfg.class_names_file), b.ignore_label)
+            for b in cfg.benchmarks}
 
 
 def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalReport:
@@ -302,7 +302,7 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalR
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * n)))
     ds = ds.map_batches(Scorer, fn_constructor_kwargs={"cfg": cfg, "specs": specs}, batch_size=cfg.batch_size,
                         batch_format="numpy", compute=ActorPoolStrategy(size=n), num_gpus=g, num_cpus=c)
-    evaluators = {b.name: SemSegEvaluator(b.num_classes, b.ignore_label, Vocabulary.from_json(specs[b.name].vocabulary_json).names)
+    evaluators = {b.name: SemSegEvaluator(b.num_classes, b.ignore_label, specs[b.name].vocabulary.names)
                   for b in cfg.benchmarks}
     errors: dict[str, list[str]] = {b.name: [] for b in cfg.benchmarks}
     seconds: dict[str, float] = {b.name: 0.0 for b in cfg.benchmarks}
@@ -423,22 +423,22 @@ def evaluate_labels(labels_url: str, dataset: str, root: str, out: str | None = 
 
     try:
         b: Benchmark = get_benchmark(dataset)
-        names = load_class_names(class_names_file or b.classes)
         pairs = list_pairs(b, root)
     except BenchmarkError as e:
         raise EvaluateError(str(e)) from None
+    names = benchmark_vocabulary(b, class_names_file).names
     try:
         files, fs = list_parquet_files(labels_url)
         meta = read_metadata(labels_url)
     except (FileNotFoundError, OSError, ValueError) as e:
         raise EvaluateError(f"cannot read label Parquet at {labels_url}: {e}") from None
-    if meta.names and [n.lower() for n in meta.names] != [s[0].lower() for s in names]:
+    if meta.names and [n.lower() for n in meta.names] != [n.lower() for n in names]:
         raise EvaluateError(
             f"the labels' vocabulary ({meta.num_classes} classes, first {meta.names[:3]}) is not {b.name}'s "
-            f"class list ({len(names)} classes, first {[s[0] for s in names[:3]]}); label with "
+            f"class list ({len(names)} classes, first {names[:3]}); label with "
             f"--vocabulary-preset {b.classes}")
     by_stem = {_stem(p.image_uri): p for p in pairs}
-    ev = SemSegEvaluator(b.num_classes, b.ignore_label, [s[0] for s in names])
+    ev = SemSegEvaluator(b.num_classes, b.ignore_label, names)
     errors: list[str] = []
     seen: set[str] = set()
     t0 = time.perf_counter()
