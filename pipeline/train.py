@@ -306,12 +306,8 @@ def prepare(cfg: TrainConfig) -> dict:
     """Driver-side checks and listings; returns what every worker needs (JSON-serialisable)."""
     if not cfg.data.train:
         raise ConfigError("data.train is not set: give the training dataset root (local path or s3://...)")
-    from ebseg_core import preset_config, with_inference_settings
-
-    m = cfg.model
     try:
-        with_inference_settings(preset_config(m.preset), m.inference_size, alpha=m.inference_alpha,
-                                beta=m.inference_beta, gamma=m.inference_gamma)
+        model_config(cfg.model)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     if cfg.solver.ims_per_batch % cfg.run.num_workers:
@@ -410,13 +406,19 @@ class _LossModule(torch.nn.Module):
         return self.criterion(self.model.training_outputs(images, self.vocab), targets)
 
 
+def model_config(mcfg: ModelConfig):
+    """The preset's EBSegConfig with this run's validation-inference settings (ValueError if invalid)."""
+    from ebseg_core import preset_config, with_inference_settings
+
+    return with_inference_settings(preset_config(mcfg.preset), mcfg.inference_size, alpha=mcfg.inference_alpha,
+                                   beta=mcfg.inference_beta, gamma=mcfg.inference_gamma)
+
+
 def build_training_model(mcfg: ModelConfig) -> torch.nn.Module:
     """The preset's model: from an EBSeg checkpoint (fine-tuning), or CLIP/SAM pretrained towers + a fresh head."""
-    from ebseg_core import build_model, load_open_clip_weights, load_sam_weights, preset_config, with_inference_settings
+    from ebseg_core import build_model, load_open_clip_weights, load_sam_weights
 
-    cfg = with_inference_settings(preset_config(mcfg.preset), mcfg.inference_size, alpha=mcfg.inference_alpha,
-                                  beta=mcfg.inference_beta, gamma=mcfg.inference_gamma)
-    model = build_model(cfg, checkpoint=mcfg.checkpoint)
+    model = build_model(model_config(mcfg), checkpoint=mcfg.checkpoint)
     if not mcfg.checkpoint:
         if mcfg.clip_pretrained:
             load_open_clip_weights(model, pretrained=mcfg.clip_pretrained)
