@@ -85,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_.add_argument("--batch-size", type=_positive_int, default=4, metavar="B",
                       help="images per model call (default: %(default)s)")
     run_.add_argument("--torch-threads", type=int, default=0, metavar="T",
-                      help="torch CPU threads per actor (default: every core for a single CPU actor, else its CPU share)")
+                      help="torch CPU threads per actor (default: every core for a single CPU actor, "
+                           "else its CPU share)")
     parser.add_argument("--out", metavar="DIR_OR_URL",
                         help="write results.json, summary.csv and per_class_<dataset>.csv here")
 

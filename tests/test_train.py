@@ -153,8 +153,8 @@ def two_nodes(s3, tmp_path_factory):
         **os.environ,
         **s3.env,
         "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_raylet_start_wait_time_s": "180",  # 2 shared cores: node registration can be slow  # loopback test cluster: no token files to distribute between nodes
+        "RAY_AUTH_MODE": "disabled",  # loopback test cluster: no token files to distribute between nodes
+        "RAY_raylet_start_wait_time_s": "180",  # 2 shared cores: node registration can be slow
         "PYTHONPATH": os.pathsep.join(p for p in [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")] if p),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
