@@ -649,10 +649,10 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print) -> LabelSumm
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
-    # An actor can die before its first batch for reasons outside the model (its node went away, or Ray
-    # Data released it while it was still starting on a busy machine); Ray Data's default budget for
-    # that is 0, which fails the whole job. Start a replacement instead. A model that cannot load at
-    # all still fails after these few tries (and its checkpoint was validated above).
+    # An actor can die before its first batch for reasons outside the model (its node went away);
+    # Ray Data's default budget for that is 0, which fails the whole job. Start a replacement instead.
+    # A model that cannot load at all still fails after these few tries (its checkpoint was validated
+    # above).
     if hasattr(ctx, "max_consecutive_actor_init_deaths"):
         ctx.max_consecutive_actor_init_deaths = max(ctx.max_consecutive_actor_init_deaths, 3)
     n_actors, gpus, cpus = _resources(cfg)
