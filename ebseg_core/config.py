@@ -152,12 +152,6 @@ class EBSegConfig:
     num_train_classes: int = 171
     test_min_size: int = 640
     test_max_size: int = 2560
-    # Training recipe (per preset, official values).
-    base_lr: float = 1e-4
-    weight_decay: float = 1e-4
-    clip_gradient: float = 0.01
-    max_iter: int = 120000
-    ims_per_batch: int = 16
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -219,7 +213,7 @@ def _ebseg_l() -> EBSegConfig:
             image_size=336, text_width=768, text_layers=12, text_heads=12, split_layer=18,
             fusion_layers=(6, 12, 18), open_clip_name="ViT-L-14-336", open_clip_pretrained="openai",
         ),
-        clip_resolution=0.7, alpha=0.12, beta=0.4, gamma=0.6, base_lr=8e-5,
+        clip_resolution=0.7, alpha=0.12, beta=0.4, gamma=0.6,
     )
 
 

@@ -144,27 +144,24 @@ def _find(fs, base: str, exts: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def read_class_names(url: str, storage_options: dict | None = None) -> list[list[str]]:
-    """Parse a class-name file: one class per line, synonyms separated by ';' (blank lines ignored)."""
+def read_class_names(url: str, storage_options: dict | None = None) -> list[tuple[str, list[str]]]:
+    """A dataset's class-name file as ``(prompt, synonyms)`` per class, in label order.
+
+    Any format the vocabulary accepts (``name;synonym``, ``prompt|synonyms``, the official
+    ``id:name,synonym``): one parser, ``ebseg_core.data.parse_class_list``.
+    """
+    from .data.benchmarks import BenchmarkError, parse_class_list
+
     fs, path = _fs(url, storage_options)
     if not fs.exists(path):
         raise DatasetError(f"class-name file not found: {url} (one class per line, synonyms separated by ';')")
-    text = fs.cat_file(path).decode("utf-8")
-    classes = []
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        syn = [s.strip() for s in line.split(";") if s.strip()]
-        if not syn:
-            raise DatasetError(f"{url}:{n}: empty class name")
-        classes.append(syn)
-    if not classes:
-        raise DatasetError(f"class-name file is empty: {url}")
-    return classes
+    try:
+        return parse_class_list(fs.cat_file(path).decode("utf-8"), url)
+    except BenchmarkError as e:
+        raise DatasetError(str(e)) from None
 
 
-def list_dataset(spec: DatasetSpec) -> tuple[list[Sample], list[list[str]] | None]:
+def list_dataset(spec: DatasetSpec) -> tuple[list[Sample], list[tuple[str, list[str]]] | None]:
     """All (image, label) pairs of a dataset, sorted, and its class names (generic layout only).
 
     Images without a label file raise :class:`DatasetError` naming them (or are skipped with a warning

@@ -8,9 +8,9 @@ official model does. The benchmark presets carry the official prompts and synony
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,10 +104,11 @@ class Vocabulary:
             classes = read_class_list_file(path)
         except BenchmarkError as e:
             raise VocabularyError(str(e)) from None
-        return cls._from_class_list(classes, source=str(path))
+        return cls.from_class_list(classes, source=str(path))
 
     @classmethod
-    def _from_class_list(cls, classes: list[tuple[str, list[str]]], source: str) -> "Vocabulary":
+    def from_class_list(cls, classes: list[tuple[str, list[str]]], source: str = "custom") -> "Vocabulary":
+        """From ``(prompt, synonyms)`` per class, as ``ebseg_core.data.parse_class_list`` reads them."""
         return cls(tuple(tuple(syns) for _, syns in classes), source=source,
                    prompts=tuple(prompt for prompt, _ in classes))
 
@@ -120,7 +121,7 @@ class Vocabulary:
                                   f"{sorted(set(_PRESET_ALIASES.values()))}")
         from .data.benchmarks import load_class_list
 
-        return cls._from_class_list(load_class_list(canonical), source=f"preset:{canonical}")
+        return cls.from_class_list(load_class_list(canonical), source=f"preset:{canonical}")
 
     @classmethod
     def from_spec(cls, spec: str) -> "Vocabulary":
@@ -146,22 +147,38 @@ class Vocabulary:
         return cls(tuple(tuple(s) for s in d["synonyms"]), seen=seen, source=d.get("source", "custom"), prompts=prompts)
 
     # -- seen / unseen ---------------------------------------------------------------------------
-    def seen_flags(self, train_synonyms: list[list[str]] | None = None) -> list[bool]:
-        """Whether each class overlaps the training classes (any shared synonym, exact string match)."""
+    def seen_flags(self) -> list[bool]:
+        """Whether each class counts as seen in training, which picks its balancing weights.
+
+        The explicit ``seen`` flags when given (``with_seen``, ``with_training_classes``, a model's
+        metadata); otherwise the overlap with COCO-Stuff-171, the released models' training set.
+        """
         if self.seen is not None:
             return list(self.seen)
-        if train_synonyms is None:
-            from .data.benchmarks import load_class_list
-
-            # EBSEG_TRAIN_CLASS_NAMES: the training class list of a model trained on other classes
-            # (our format or the official 'id:name,syn' one); default: COCO-Stuff-171's official list.
-            classes = load_class_list(os.environ.get("EBSEG_TRAIN_CLASS_NAMES", "coco171"))
-            train_synonyms = [syns for _, syns in classes]
-        train = {s for syns in train_synonyms for s in syns}
-        return [not train.isdisjoint(syns) for syns in self.synonyms]
+        return list(_overlap_with_coco171(self.synonyms))
 
     def with_seen(self, seen: list[bool]) -> "Vocabulary":
         return Vocabulary(self.synonyms, tuple(bool(s) for s in seen), self.source, self.prompts)
+
+    def with_training_classes(self, train_synonyms: list[list[str]]) -> "Vocabulary":
+        """This vocabulary with its seen flags fixed against another training class list."""
+        if not train_synonyms or any(not syns for syns in train_synonyms):
+            raise VocabularyError("the training class list is empty or has a class without names")
+        return self.with_seen(_overlap(self.synonyms, train_synonyms))
+
+
+def _overlap(synonyms, train_synonyms) -> tuple[bool, ...]:
+    """A class is seen when any of its synonyms is a training synonym (exact string match, as the
+    official model computes it)."""
+    train = {s for syns in train_synonyms for s in syns}
+    return tuple(not train.isdisjoint(syns) for syns in synonyms)
+
+
+@functools.lru_cache(maxsize=32)
+def _overlap_with_coco171(synonyms: tuple[tuple[str, ...], ...]) -> tuple[bool, ...]:
+    from .data.benchmarks import load_class_list
+
+    return _overlap(synonyms, [syns for _, syns in load_class_list("coco171")])
 
 
 def _split_synonyms(text: str, sep: str) -> tuple[str, ...]:

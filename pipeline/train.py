@@ -283,13 +283,13 @@ class PolyLR(torch.optim.lr_scheduler.LambdaLR):
 # --------------------------------------------------------------------------------------------------
 # Driver side
 # --------------------------------------------------------------------------------------------------
-def _vocabulary(cfg: TrainConfig, class_names: list[list[str]] | None):
+def _vocabulary(cfg: TrainConfig, class_names: list[tuple[str, list[str]]] | None):
     from ebseg_core.vocabulary import Vocabulary
 
     if cfg.data.vocabulary:
         vocab = Vocabulary.from_spec(cfg.data.vocabulary)
     elif class_names is not None:
-        vocab = Vocabulary.from_names(class_names)
+        vocab = Vocabulary.from_class_list(class_names, source=f"{cfg.data.train}/class_names.txt")
     elif cfg.data.layout == "coco171":
         vocab = Vocabulary.preset("coco171")
     else:
@@ -323,7 +323,7 @@ def prepare(cfg: TrainConfig) -> dict:
     if cfg.data.val:
         vspec = DatasetSpec(cfg.data.val, cfg.data.layout, cfg.data.val_split, cfg.data.skip_bad)
         val, val_names = list_dataset(vspec)
-        if val_names is not None and [n[0] for n in val_names] != vocab.names:
+        if val_names is not None and [prompt for prompt, _ in val_names] != vocab.names:
             raise DatasetError(f"class_names.txt of {cfg.data.val} differs from the training classes")
         if cfg.data.val_max_images:
             val = val[: cfg.data.val_max_images]

@@ -235,7 +235,7 @@ def test_export_generic_reads_back_with_training_loader(ds, fx, tmp_path):
 
     samples, class_names = list_dataset(DatasetSpec(root=str(root)))
     assert len(samples) == sel.num_rows
-    assert class_names[1] == ["road", "street"]
+    assert class_names[1] == ("road", ["road", "street"])
     image, label = read_sample(samples[0], num_classes=3)
     assert image.shape[:2] == label.shape
 

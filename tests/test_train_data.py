@@ -1,5 +1,7 @@
 """Training data: layouts, the official augmentation, bad-data errors, the resumable sample stream."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -32,7 +34,7 @@ def _generic(tmp_path, n=6, num_classes=4, names=None):
 
 def test_generic_layout_lists_pairs_and_class_names(tmp_path):
     samples, names = list_dataset(_generic(tmp_path))
-    assert len(samples) == 6 and names[1] == ["class1", "syn1"]
+    assert len(samples) == 6 and names[1] == ("class1", ["class1", "syn1"])
     assert all(s.image.split("/")[-1].split(".")[0] == s.label.split("/")[-1].split(".")[0] for s in samples)
     image, label = read_sample(samples[0], num_classes=4)
     assert image.shape == (48, 64, 3) and image.dtype == np.uint8 and label.shape == (48, 64)
@@ -151,11 +153,22 @@ def test_class_name_file_errors(tmp_path):
     with pytest.raises(DatasetError, match="class-name file not found"):
         read_class_names(str(tmp_path / "nope.txt"))
     (tmp_path / "c.txt").write_text("\n\n")
-    with pytest.raises(DatasetError, match="empty"):
+    with pytest.raises(DatasetError, match="no class names"):
         read_class_names(str(tmp_path / "c.txt"))
     with pytest.raises(DatasetError, match="no images"):
         (tmp_path / "class_names.txt").write_text("a\n")
         list_dataset(DatasetSpec(root=str(tmp_path)))
+
+
+def test_class_name_file_takes_every_vocabulary_format(tmp_path):
+    """Training reads class files with the vocabulary's one parser: prompts before '|', the official
+    numbered form, synonyms."""
+    (tmp_path / "ours.txt").write_text("road, route|road;route;street\nsky;clouds\n")
+    assert read_class_names(str(tmp_path / "ours.txt")) == [
+        ("road, route", ["road", "route", "street"]), ("sky", ["sky", "clouds"])]
+    (tmp_path / "official.txt").write_text("1:person,child\n3:bicycle\n")
+    assert read_class_names(str(tmp_path / "official.txt")) == [
+        ("person", ["person", "child"]), ("bicycle", ["bicycle"])]
 
 
 def test_more_than_255_classes_use_16bit_labels_with_65535_ignore(tmp_path):
@@ -181,3 +194,17 @@ def test_more_than_255_classes_use_16bit_labels_with_65535_ignore(tmp_path):
     # A 4-class dataset keeps the 8-bit convention: 255 is ignore, anything else above 3 is an error.
     with pytest.raises(DatasetError, match="255 = ignore"):
         read_sample(samples[0], num_classes=4)
+
+
+def test_training_job_takes_the_prompt_of_a_prompt_bar_synonyms_class_file(tmp_path):
+    """`ebseg train`'s driver builds the vocabulary from class_names.txt with its prompts: the name
+    before '|' goes into the templates, the synonyms after it only decide seen/unseen."""
+    from pipeline.train import load_config, prepare
+    from ebseg_core.vocabulary import Vocabulary
+
+    spec = _generic(tmp_path, names=["road, route|road;route", "sky;clouds", "tree", "grass"])
+    cfg = load_config(str(Path(__file__).resolve().parent.parent / "configs" / "tiny_generic.yaml"),
+                      [f"data.train={spec.root}"])
+    vocab = Vocabulary.from_json(prepare(cfg)["vocabulary"])
+    assert vocab.names == ["road, route", "sky", "tree", "grass"]
+    assert vocab.synonyms[0] == ("road", "route") and vocab.synonyms[1] == ("sky", "clouds")

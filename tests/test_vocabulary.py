@@ -47,8 +47,12 @@ def test_files_in_our_and_the_official_format(tmp_path):
 def test_seen_flags_from_any_shared_synonym():
     train = [["person", "man"], ["bathtub", "tub"], ["sky"]]
     v = Vocabulary.parse("woman;man,tub,armchair")
-    assert v.seen_flags(train) == [True, True, False]
-    assert v.with_seen([False, False, True]).seen_flags(train) == [False, False, True]
+    assert v.with_training_classes(train).seen_flags() == [True, True, False]
+    assert v.with_seen([False, False, True]).seen_flags() == [False, False, True]
+    # Without a training list, the released models' COCO-Stuff-171 decides: "man" is a COCO synonym.
+    assert v.seen_flags()[0] and not v.seen_flags()[2]
+    with pytest.raises(VocabularyError, match="training class list"):
+        v.with_training_classes([])
 
 
 def test_unknown_preset_names_choices():
@@ -56,9 +60,9 @@ def test_unknown_preset_names_choices():
         Vocabulary.preset("imagenet")
 
 
-def test_training_class_list_override(tmp_path, monkeypatch):
+def test_training_class_list_from_an_official_file(tmp_path):
     official = tmp_path / "coco_train.txt"
     official.write_text("1:person,man\n2:wall-other,wall\n")
     v = Vocabulary.parse("wall;walls,lamp")
-    monkeypatch.setenv("EBSEG_TRAIN_CLASS_NAMES", str(official))
-    assert v.seen_flags() == [True, False]
+    classes = Vocabulary.from_file(official).synonyms
+    assert v.with_training_classes([list(c) for c in classes]).seen_flags() == [True, False]
