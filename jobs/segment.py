@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.cli import UsageError
+from jobs.cli import UsageError, positive_int
 
 EPILOG = """\
 examples:
@@ -39,8 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mod.add_argument("--preset", default="ebseg-b", help="architecture: ebseg-b, ebseg-l, ebseg-tiny (default: %(default)s)")
     mod.add_argument("--random-weights", action="store_true",
                      help="run an untrained model (labels are MEANINGLESS; for trying the tool only)")
+    mod.add_argument("--inference-size", type=positive_int, metavar="PIXELS",
+                     help="shorter side the model sees (default: the preset's, 640); labels stay at the image size")
     mod.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda if available)")
-    parser.add_argument("--batch-size", type=int, default=2, metavar="B", help="images per model call (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=2, metavar="B", help="images per model call (default: %(default)s)")
 
 
 def _vocabulary(args):
@@ -56,12 +58,24 @@ def _vocabulary(args):
     return Vocabulary.preset(args.vocabulary_preset)
 
 
+def _decode(path: str):
+    """The labeling job's decoder (EXIF rotation, alpha on white, 16-bit scaling), so `segment` and
+    `label` see the same pixels of the same file."""
+    from pipeline.images import DecodeError, decode_image
+
+    try:
+        return decode_image(Path(path).read_bytes())
+    except DecodeError as e:
+        raise UsageError(f"cannot read image {path}: {e.message}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read image {path}: {e.strerror or e}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
-    from PIL import Image
 
-    from ebseg_core import build_model
+    from ebseg_core import build_model, preset_config, with_inference_settings
 
     vocab = _vocabulary(args)
     if not args.checkpoint and not args.random_weights:
@@ -70,17 +84,17 @@ def run(args: argparse.Namespace) -> int:
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         raise UsageError(f"image not found: {', '.join(missing)}")
-    images = []
-    for p in args.images:
-        try:
-            with Image.open(p) as im:
-                images.append(np.asarray(im.convert("RGB")))
-        except OSError as e:
-            raise UsageError(f"cannot read image {p}: {e}") from None
+    images = [_decode(p) for p in args.images]
     if args.random_weights and not args.checkpoint:
         print("WARNING: --random-weights: the model is UNTRAINED, the labels below are MEANINGLESS.", file=sys.stderr)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(args.preset, checkpoint=args.checkpoint, device=device)
+    try:
+        config = with_inference_settings(preset_config(args.preset), args.inference_size)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not args.checkpoint:
+        torch.manual_seed(0)  # random weights: the same model on every run, as `ebseg label` builds it
+    model = build_model(config, checkpoint=args.checkpoint, device=device)
     from pipeline.overlay import overlay
     from pipeline.schema import encode_label_png
 

@@ -41,3 +41,37 @@ def test_segment_refuses_without_weights_or_inputs(tmp_path, capsys):
     assert module_main(segment, [str(img), "--vocabulary", "a,a", "--preset", "ebseg-tiny", "--random-weights",
                          "--out", str(tmp_path)]) == 2
     assert "appears twice" in capsys.readouterr().err
+
+
+def _exif_rotated_jpeg(path) -> tuple[int, int]:
+    """A JPEG stored landscape with EXIF orientation 6 (display rotated 90 degrees): returns the
+    displayed (height, width)."""
+    rgb, _ = blob_image(40, 64, seed=9, num_classes=3)
+    im = Image.fromarray(rgb)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(path, "JPEG", quality=95, exif=exif.tobytes())
+    return 64, 40
+
+
+def test_segment_and_label_give_the_same_labels_for_an_exif_rotated_photo(tmp_path, capsys, ray_local):
+    """One decoder for both commands: the same photo gets the same label map (at its displayed size)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.label import LabelConfig, run_label
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shape = _exif_rotated_jpeg(photos / "rotated.jpg")
+    vocab = "sky,tree;trees,road"
+    model = ["--preset", "ebseg-tiny", "--random-weights", "--inference-size", "32"]
+    rc = module_main(segment, [str(photos / "rotated.jpg"), "--vocabulary", vocab, *model, "--out", str(tmp_path / "seg")])
+    assert rc == 0, capsys.readouterr().err
+    from_segment = decode_label_png((tmp_path / "seg" / "rotated.label.png").read_bytes())
+
+    run_label(LabelConfig(output=str(tmp_path / "labels"), input=str(photos), vocabulary=vocab, preset="ebseg-tiny",
+                          random_weights=True, inference_size=32, progress_bars=False), log=lambda _: None)
+    row = pq.read_table(tmp_path / "labels" / "labels-000000.parquet").to_pylist()[0]
+    from_label = decode_label_png(row["label_png"])
+    assert from_segment.shape == from_label.shape == shape
+    assert np.array_equal(from_segment, from_label)
