@@ -79,7 +79,7 @@ def _kernel_report(build: bool) -> dict:
     except Exception as e:  # noqa: BLE001 - tolerate absence: the PyTorch path is used
         return {"importable": False, "reason": f"{type(e).__name__}: {e}"}
     info["importable"] = True
-    home = _build.cuda_home() if hasattr(_build, "cuda_home") else os.environ.get("CUDA_HOME")
+    home = _build.cuda_home()
     info["cuda_home"] = home
     info["nvcc"] = shutil.which("nvcc") or (os.path.join(home, "bin", "nvcc") if home else None)
     if info["nvcc"] and not os.path.exists(info["nvcc"]):
@@ -88,7 +88,7 @@ def _kernel_report(build: bool) -> dict:
         from cuda_ops import kernel_available
 
         info["kernel_built"] = bool(kernel_available())
-        if not info["kernel_built"] and hasattr(_build, "last_error"):
+        if not info["kernel_built"]:
             info["build_error"] = _build.last_error()
     return info
 

@@ -19,7 +19,7 @@ import os
 import posixpath
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -474,8 +474,3 @@ def evaluate_labels(labels_url: str, dataset: str, root: str, out: str | None = 
         log(f"error: {e}")
     return report
 
-
-def config_dict(cfg: EvalConfig) -> dict:
-    d = asdict(cfg)
-    d.pop("benchmarks", None)
-    return d

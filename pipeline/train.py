@@ -499,7 +499,7 @@ def train_loop_per_worker(payload: dict) -> None:
         missing = model.load_state_dict(state["model"], strict=False)
         if missing.unexpected_keys:
             raise RuntimeError(f"checkpoint has unexpected keys: {missing.unexpected_keys[:5]}")
-        model.weights_changed() if hasattr(model, "weights_changed") else None
+        model.weights_changed()
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
