@@ -1,11 +1,12 @@
 # Entry points for people and CI. `make test` is exactly what CI runs (.ci/run).
-.PHONY: help setup test demo
+.PHONY: help setup test test-fast demo
 
 DEMO_VOCABULARY ?= person;astronaut,cat,coffee cup;cup,rocket,sky,ground;grass
 
 help:
 	@echo "make setup   create/update .venv (uv or pip) with the project and its test tools"
 	@echo "make test    setup, then the whole test suite (what CI runs); ARGS=\"-k storage\" narrows it"
+	@echo "make test-fast  the tests without Ray clusters, S3 or slow model runs (a couple of minutes)"
 	@echo "make demo    setup, then label 4 sample photos with the tiny model into out/labels/"
 
 setup:
@@ -13,6 +14,9 @@ setup:
 
 test:
 	@scripts/test.sh $(ARGS)
+
+test-fast:
+	@scripts/test.sh -m "not cluster and not s3 and not slow" $(ARGS)
 
 demo: setup
 	@.venv/bin/python scripts/demo_images.py out/demo/images

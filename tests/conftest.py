@@ -68,6 +68,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# ----------------------------------------------------------------------------------------------- tiers
+
+# Fixtures that start (or join) a Ray cluster or the moto S3 server: tests using them are marked so
+# that `make test-fast` (-m "not cluster and not s3 and not slow") can leave them out.
+_TIER_FIXTURES = {"ray_local": "cluster", "ray_head": "cluster", "two_nodes": "cluster", "s3": "s3",
+                  "s3_prefix": "s3"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for marker in sorted({m for f, m in _TIER_FIXTURES.items() if f in getattr(item, "fixturenames", ())}):
+            item.add_marker(marker)
+
+
 # --------------------------------------------------------------------------------------------------- S3
 
 
