@@ -126,8 +126,6 @@ def _query_from(args):
         v = getattr(args, flag)
         if v is not None and v < 0:
             raise C.CurationError(f"--{flag.replace('_', '-')} must be >= 0, got {v}")
-    if args.sample is not None and args.per_class is not None:
-        raise C.CurationError("use either --sample or --per-class, not both")
     return C.Query(classes=[C.ClassFilter(n, **bounds) for n in args.classes], without=list(args.without),
                    status=args.status, error_kinds=list(args.error_kinds), limit=args.limit)
 
@@ -135,14 +133,7 @@ def _query_from(args):
 def _select(ds, args, columns=None):
     from pipeline import curate as C
 
-    q = _query_from(args)
-    table = C.query(ds, q, columns=columns or C.LIGHT_COLUMNS)
-    if args.sample is not None:
-        table = C.sample(table, args.sample, args.seed)
-    elif args.per_class is not None:
-        ids = ds.class_ids(args.classes) if args.classes else None
-        table = C.stratified_sample(table, args.per_class, args.seed, ids)
-    return table
+    return C.select(ds, _query_from(args), args.sample, args.per_class, args.seed, columns or C.LIGHT_COLUMNS)
 
 
 def _summary(classes, limit: int = 4) -> str:

@@ -281,6 +281,24 @@ def stratified_sample(
     return table.take(pa.array(sorted(chosen), type=pa.int64()))
 
 
+def select(ds: LabelDataset, q: Query, sample_size: int | None = None, per_class: int | None = None,
+           seed: int = 0, columns: Sequence[str] = LIGHT_COLUMNS) -> pa.Table:
+    """Rows matching ``q``, then an optional seeded random sample or per-class (stratified) sample.
+
+    The one selection of ``ebseg curate query|export`` and of training from label Parquet;
+    ``per_class`` draws per ``q.classes`` class when the query names classes, else per class present.
+    """
+    if sample_size is not None and per_class is not None:
+        raise CurationError("use either --sample or --per-class, not both")
+    table = query(ds, q, columns=columns)
+    if sample_size is not None:
+        return sample(table, sample_size, seed)
+    if per_class is not None:
+        ids = ds.class_ids([f.name for f in q.classes]) if q.classes else None
+        return stratified_sample(table, per_class, seed, ids)
+    return table
+
+
 # ---------------------------------------------------------------------------------------------
 # Statistics
 # ---------------------------------------------------------------------------------------------
