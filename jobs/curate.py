@@ -16,6 +16,8 @@ examples:
   ebseg curate export s3://bucket/labels/ --to ./train_set --format generic \\
         --per-class 200 --keep-classes grass,tree,road --min-pixel-confidence 0.5
   ebseg curate export s3://bucket/labels/ --to ./coco.json --format coco --class car
+  ebseg curate export s3://bucket/labels/ --to ./review --format label-studio --class car \\
+        --max-mean-confidence 0.6 --sample 200 --min-pixel-confidence 0.4
   ebseg curate report s3://bucket/labels/ --out report.html
 
 Class names match the vocabulary's names or any synonym, case-insensitively. Several --class flags
@@ -74,15 +76,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="output: table (default), uris (one per line), ids, jsonl (summary columns)")
     p.add_argument("--output", metavar="FILE", help="write to FILE (local or s3://) instead of stdout")
 
-    p = sub.add_parser("export", help="export a selection: generic training layout, COCO, masks, overlays",
+    p = sub.add_parser("export", help="export a selection: training layout, COCO, Label Studio, masks, overlays",
                        formatter_class=fmt, epilog=EXAMPLES,
                        description="generic: images/<id>.<ext> + labels/<id>.png + class_names.txt (+dataset.json), "
                                    "readable by `ebseg train` (data layout 'generic'); coco: one JSON with RLE "
-                                   "masks per (image, class); masks: label/confidence PNGs (+index.jsonl); "
-                                   "overlays: colour overlays with a legend.")
+                                   "masks per (image, class), for pycocotools, FiftyOne and CVAT; label-studio: "
+                                   "tasks.json with brush pre-annotations + labeling_config.xml, for review in "
+                                   "Label Studio; masks: label/confidence PNGs (+index.jsonl); overlays: colour "
+                                   "overlays with a legend.")
     _add_selection(p)
     p.add_argument("--to", required=True, metavar="DEST", help="output directory (coco: .json file or directory)")
-    p.add_argument("--format", choices=["generic", "coco", "masks", "overlays"], default="generic")
+    p.add_argument("--format", choices=["generic", "coco", "label-studio", "masks", "overlays"], default="generic")
     p.add_argument("--keep-classes", metavar="A,B,...",
                    help="classes to keep in labels (others become ignore); ids renumbered 0..K-1 in vocabulary "
                         "order unless --no-remap")
@@ -91,6 +95,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-remap", action="store_true", help="keep the original class ids when using --keep-classes")
     p.add_argument("--class-masks", action="store_true", help="masks format: also one binary PNG per (image, class)")
     p.add_argument("--alpha", type=float, default=0.5, help="overlays: colour opacity 0-1 (default 0.5)")
+    p.add_argument("--image-root", metavar="URL",
+                   help="coco/label-studio: image names are relative to this folder/prefix (default: the folder "
+                        "common to the selected images)")
+    p.add_argument("--image-url-prefix", metavar="PREFIX",
+                   help="label-studio: data.image = PREFIX + the name relative to --image-root, e.g. "
+                        "'/data/local-files/?d=lake/' (default: the image URI, e.g. s3://... for a project "
+                        "with that bucket as source storage)")
 
     p = sub.add_parser("report", help="self-contained offline HTML report", formatter_class=fmt,
                        description="One HTML file (inline CSS/SVG, images embedded): totals, errors by kind, "
@@ -115,8 +126,6 @@ def _query_from(args):
         v = getattr(args, flag)
         if v is not None and v < 0:
             raise C.CurationError(f"--{flag.replace('_', '-')} must be >= 0, got {v}")
-    if args.sample is not None and args.per_class is not None:
-        raise C.CurationError("use either --sample or --per-class, not both")
     return C.Query(classes=[C.ClassFilter(n, **bounds) for n in args.classes], without=list(args.without),
                    status=args.status, error_kinds=list(args.error_kinds), limit=args.limit)
 
@@ -124,14 +133,7 @@ def _query_from(args):
 def _select(ds, args, columns=None):
     from pipeline import curate as C
 
-    q = _query_from(args)
-    table = C.query(ds, q, columns=columns or C.LIGHT_COLUMNS)
-    if args.sample is not None:
-        table = C.sample(table, args.sample, args.seed)
-    elif args.per_class is not None:
-        ids = ds.class_ids(args.classes) if args.classes else None
-        table = C.stratified_sample(table, args.per_class, args.seed, ids)
-    return table
+    return C.select(ds, _query_from(args), args.sample, args.per_class, args.seed, columns or C.LIGHT_COLUMNS)
 
 
 def _summary(classes, limit: int = 4) -> str:
@@ -210,6 +212,10 @@ def _cmd_export(ds, args) -> int:
     lf = C.make_label_filter(ds, keep, args.min_pixel_confidence, remap=not args.no_remap)
     if args.format != "masks" and args.class_masks:
         raise C.CurationError("--class-masks applies to --format masks only")
+    if args.format not in ("coco", "label-studio") and args.image_root:
+        raise C.CurationError("--image-root applies to --format coco and label-studio only")
+    if args.format != "label-studio" and args.image_url_prefix is not None:
+        raise C.CurationError("--image-url-prefix applies to --format label-studio only")
     if not 0.0 <= args.alpha <= 1.0:
         raise C.CurationError(f"--alpha must be in [0, 1], got {args.alpha}")
     table = _select(ds, args)
@@ -220,7 +226,10 @@ def _cmd_export(ds, args) -> int:
     if args.format == "generic":
         res = C.export_generic(ds, table, args.to, lf)
     elif args.format == "coco":
-        res = C.export_coco(ds, table, args.to, lf)
+        res = C.export_coco(ds, table, args.to, lf, image_root=args.image_root)
+    elif args.format == "label-studio":
+        res = C.export_label_studio(ds, table, args.to, lf, image_root=args.image_root,
+                                    image_url_prefix=args.image_url_prefix)
     elif args.format == "masks":
         res = C.export_masks(ds, table, args.to, lf, per_class=args.class_masks)
     else:

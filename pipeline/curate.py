@@ -10,6 +10,7 @@ confidence >= 0.6" is answered from a few bytes per row.
 
 from __future__ import annotations
 
+import datetime as _dt
 import difflib
 import io
 import json
@@ -278,6 +279,24 @@ def stratified_sample(
         pick = np.random.default_rng([seed, int(cid)]).choice(rows, size=k, replace=False)
         chosen.update(int(r) for r in pick)
     return table.take(pa.array(sorted(chosen), type=pa.int64()))
+
+
+def select(ds: LabelDataset, q: Query, sample_size: int | None = None, per_class: int | None = None,
+           seed: int = 0, columns: Sequence[str] = LIGHT_COLUMNS) -> pa.Table:
+    """Rows matching ``q``, then an optional seeded random sample or per-class (stratified) sample.
+
+    The one selection of ``ebseg curate query|export`` and of training from label Parquet;
+    ``per_class`` draws per ``q.classes`` class when the query names classes, else per class present.
+    """
+    if sample_size is not None and per_class is not None:
+        raise CurationError("use either --sample or --per-class, not both")
+    table = query(ds, q, columns=columns)
+    if sample_size is not None:
+        return sample(table, sample_size, seed)
+    if per_class is not None:
+        ids = ds.class_ids([f.name for f in q.classes]) if q.classes else None
+        return stratified_sample(table, per_class, seed, ids)
+    return table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,8 +580,50 @@ def export_generic(ds: LabelDataset, selection: pa.Table, out: str, lf: LabelFil
     return res
 
 
-def export_coco(ds: LabelDataset, selection: pa.Table, out: str, lf: LabelFilter) -> ExportResult:
-    """COCO-style JSON (one file): an annotation with an RLE mask per (image, kept class)."""
+def image_root_of(uris: Sequence[str], root: str | None = None) -> str:
+    """The folder/prefix that exported file names are relative to (ends with '/').
+
+    ``root`` given: every uri must lie under it. Otherwise the deepest folder common to all ``uris``,
+    so names stay unique (two ``img.jpg`` in different folders keep their folder).
+    """
+    if root is not None:
+        root = root if root.endswith("/") else root + "/"
+        outside = [u for u in uris if not u.startswith(root)]
+        if outside:
+            raise CurationError(f"--image-root {root} does not contain {outside[0]} "
+                                f"({len(outside)} selected images lie outside it)")
+        return root
+    if not uris:
+        return ""
+    parts = [u.split("/")[:-1] for u in uris]
+    common = parts[0]
+    for p in parts[1:]:
+        n = 0
+        while n < min(len(common), len(p)) and common[n] == p[n]:
+            n += 1
+        common = common[:n]
+    return "/".join(common) + "/" if common else ""
+
+
+def _selected_uris(selection: pa.Table) -> list[str]:
+    status = selection.column("status").to_pylist() if "status" in selection.column_names else None
+    uris = selection.column("uri").to_pylist()
+    return [u for i, u in enumerate(uris) if status is None or status[i] == S.STATUS_OK]
+
+
+def _finite(x) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def export_coco(ds: LabelDataset, selection: pa.Table, out: str, lf: LabelFilter,
+                image_root: str | None = None) -> ExportResult:
+    """COCO JSON (one file): an annotation with a compressed-RLE mask per (image, kept class).
+
+    Written for the COCO importers of pycocotools, FiftyOne and CVAT (Datumaro): ids start at 1;
+    ``images[].file_name`` is relative to ``image_root`` (default: the folder common to the selected
+    images; ``coco_url`` keeps the full URI); every category has a ``supercategory``; ``score`` is
+    present only where it is a number (those importers reject null).
+    """
     from pycocotools import mask as mask_utils
 
     fs, path = output_fs(out)
@@ -571,10 +632,12 @@ def export_coco(ds: LabelDataset, selection: pa.Table, out: str, lf: LabelFilter
     parent = path.rsplit("/", 1)[0]
     if parent:
         fs.makedirs(parent, exist_ok=True)
+    root = image_root_of(_selected_uris(selection), image_root)
     syns = ds.meta.synonyms or [[n] for n in ds.names]
     cat_ids = lf.keep_ids
     categories = [
-        {"id": (new if lf.remap else old) + 1, "name": ds.names[old], "synonyms": syns[old], "ebseg_class_id": old}
+        {"id": (new if lf.remap else old) + 1, "name": ds.names[old], "supercategory": "",
+         "synonyms": syns[old], "ebseg_class_id": old}
         for new, old in enumerate(cat_ids)
     ]
     images, annotations = [], []
@@ -583,8 +646,8 @@ def export_coco(ds: LabelDataset, selection: pa.Table, out: str, lf: LabelFilter
         label, conf = _decoded(row)
         exported = lf.apply(label, conf)
         img_num = len(images) + 1
-        images.append({"id": img_num, "file_name": row["uri"], "width": row["width"], "height": row["height"],
-                       "ebseg_image_id": row["image_id"]})
+        images.append({"id": img_num, "file_name": row["uri"][len(root):], "width": row["width"],
+                       "height": row["height"], "coco_url": row["uri"], "ebseg_image_id": row["image_id"]})
         conf_by_id = {c["id"]: c["mean_confidence"] for c in (row["classes"] or [])}
         for new, old in enumerate(cat_ids):
             cid = new if lf.remap else old
@@ -593,7 +656,9 @@ def export_coco(ds: LabelDataset, selection: pa.Table, out: str, lf: LabelFilter
                 continue
             rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
             rle["counts"] = rle["counts"].decode("ascii")
-            annotations.append({
+            # iscrowd 0 with RLE, as COCO-Stuff: one region per class; pycocotools, FiftyOne and
+            # Datumaro read RLE whatever iscrowd says.
+            ann = {
                 "id": len(annotations) + 1,
                 "image_id": img_num,
                 "category_id": cid + 1,
@@ -601,16 +666,63 @@ def export_coco(ds: LabelDataset, selection: pa.Table, out: str, lf: LabelFilter
                 "area": int(m.sum()),
                 "bbox": [float(x) for x in mask_utils.toBbox(rle)],
                 "iscrowd": 0,
-                "score": conf_by_id.get(old),
-            })
+            }
+            score = _finite(conf_by_id.get(old))
+            if score is not None:
+                ann["score"] = score
+            annotations.append(ann)
         res.written += 1
     doc = {
-        "info": {"description": f"EBSeg pseudo-labels from {ds.url}", "vocabulary_id": ds.meta.vocabulary_id,
-                 "min_confidence": lf.min_confidence},
+        "info": {"description": f"EBSeg pseudo-labels from {ds.url}", "version": "1",
+                 "date_created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                 "image_root": root, "vocabulary_id": ds.meta.vocabulary_id, "min_confidence": lf.min_confidence},
+        "licenses": [],
         "images": images, "annotations": annotations, "categories": categories,
     }
-    _put(fs, path, json.dumps(doc).encode())
+    _put(fs, path, json.dumps(doc, allow_nan=False).encode())
     res.files.append(path)
+    return res
+
+
+def export_label_studio(ds: LabelDataset, selection: pa.Table, out: str, lf: LabelFilter,
+                        image_root: str | None = None, image_url_prefix: str | None = None) -> ExportResult:
+    """Label Studio pre-annotations: DEST/tasks.json (one task per image, its prediction one brush
+    region per kept class) and DEST/labeling_config.xml (the kept classes as brush labels).
+
+    ``data.image`` is the source URI, or ``image_url_prefix`` + the path relative to ``image_root``
+    (e.g. ``/data/local-files/?d=lake/`` for Label Studio's local-files storage). Filtered pixels
+    (dropped classes, low confidence) are left unpainted for the reviewer.
+    """
+    from pipeline import label_studio as LS
+
+    fs, root_path = output_fs(out)
+    root_path = root_path.rstrip("/")
+    fs.makedirs(root_path, exist_ok=True)
+    uri_root = image_root_of(_selected_uris(selection), image_root)
+    cat_ids = lf.keep_ids
+    tasks = []
+    res = ExportResult(out)
+    for row in _ok_rows(ds, selection):
+        label, conf = _decoded(row)
+        exported = lf.apply(label, conf)
+        conf_by_id = {c["id"]: c["mean_confidence"] for c in (row["classes"] or [])}
+        results = []
+        for new, old in enumerate(cat_ids):
+            m = exported == (new if lf.remap else old)
+            if m.any():
+                results.append(LS.brush_result(m, ds.names[old], f"c{old}", _finite(conf_by_id.get(old))))
+        kept = exported != lf.ignore_index
+        prediction = {"model_version": str(ds.meta.model.get("preset") or "ebseg"), "result": results}
+        if conf is not None and kept.any():
+            prediction["score"] = float(conf[kept].mean())
+        url = row["uri"] if image_url_prefix is None else image_url_prefix + row["uri"][len(uri_root):]
+        tasks.append({"data": {"image": url, "uri": row["uri"], "ebseg_image_id": row["image_id"]},
+                      "predictions": [prediction]})
+        res.written += 1
+    _put(fs, f"{root_path}/tasks.json", json.dumps(tasks, allow_nan=False).encode())
+    names = [ds.names[i] for i in cat_ids]
+    _put(fs, f"{root_path}/labeling_config.xml", LS.labeling_config_xml(names, cat_ids).encode())
+    res.files += ["tasks.json", "labeling_config.xml"]
     return res
 
 
@@ -702,5 +814,6 @@ def export_overlays(ds: LabelDataset, selection: pa.Table, out: str, lf: LabelFi
     return res
 
 
-EXPORTERS = {"generic": export_generic, "coco": export_coco, "masks": export_masks, "overlays": export_overlays}
+EXPORTERS = {"generic": export_generic, "coco": export_coco, "label-studio": export_label_studio,
+             "masks": export_masks, "overlays": export_overlays}
 
