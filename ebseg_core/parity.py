@@ -304,7 +304,8 @@ class Report:
     def flips(self) -> int:
         return len(self.flip_notes)
 
-    def print(self, out=sys.stdout) -> None:
+    def print(self, out=None) -> None:
+        out = out or sys.stdout
         width = max(len(n) for n, _, _ in self.rows)
         for name, err, ok in self.rows:
             note = self.flip_notes.get(name)
