@@ -405,6 +405,10 @@ def check_eval(fixture: Fixture, run: ModelRun, report: Report) -> None:
             report.compare("train.coco_text_embedding_scoremap", run.scoremap, ref["train.coco_text_embedding_scoremap"])
     for b, cap in sorted(run.single.items()):
         _check_single(b, cap, ref, last, report)
+    for name in sorted(ref):
+        m = re.match(r"bs1\.img(\d+)\.", name)
+        if m and int(m.group(1)) not in run.single:
+            report.check(name, False, f"(the fixture has no eval.image{m.group(1)})")
 
 
 def _check_single(b: int, cap: dict, ref: dict, last: int, report: Report) -> None:

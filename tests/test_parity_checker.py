@@ -110,6 +110,14 @@ def test_real_corruptions_still_fail(shipped, tmp_path):
     report = _verdict(tmp_path, "sem_seg", run, sem)
     assert [n for n, _, ok in report.rows if not ok] == ["final.sem_seg.1"]
 
+    extra = dict(ref)
+    extra["bs1.img5.sem_seg"] = ref["bs1.img1.sem_seg"]  # a recorded tensor the checker cannot produce
+    extra["dec.attn_biases.3"] = ref["dec.attn_biases.9"]
+    report = _verdict(tmp_path, "extra", run, extra)
+    assert [n for n, _, ok in report.rows if not ok] == [
+        "dec.attn_biases.3 (in the fixture, not produced by this implementation)",
+        "bs1.img5.sem_seg (the fixture has no eval.image5)"]
+
 
 def test_eval_pooling_flip_uses_the_flag_margin(shipped, tmp_path):
     """The eval pooling logits of this fixture stay >= 1.8e-3 from the threshold, so a flip there is
