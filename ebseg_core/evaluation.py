@@ -83,7 +83,7 @@ def mask_to_boundary(label: np.ndarray, dilation_ratio: float = BOUNDARY_DILATIO
     if label.ndim != 2:
         raise EvaluationError(f"a label map must be 2-D, got shape {label.shape}")
     h, w = label.shape
-    d = max(1, int(round(dilation_ratio * math.sqrt(h * h + w * w))))
+    d = max(1, round(dilation_ratio * math.sqrt(h * h + w * w)))  # round half to even, as detectron2
     eroded = minimum_filter(label, size=2 * d + 1, mode="constant", cval=0)
     return label - eroded  # never negative: the window holds the pixel itself
 

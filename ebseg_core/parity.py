@@ -279,8 +279,8 @@ class Report:
             self.rows.append((name, 0.0, True))
             return None
         if not near:
-            self.rows.append((f"{name} (differs on {count} element(s), some farther than {self.flip_margin:g} "
-                              "from the threshold)", float("inf"), False))
+            detail = f"(differs on {count} element(s), some farther than {self.flip_margin:g} from the threshold)"
+            self.rows.append((f"{name} {detail}", float("inf"), False))
             return None
         idx = differ.nonzero().tolist()
         flip = Flip(source, count, {i[0] for i in idx} if by_image_only else set(),
@@ -328,7 +328,10 @@ _ENSEMBLED = ("final.ensembled_log_scores", "final.mask_cls_results", "final.mas
 def _upstream(name: str, last: int, attn: dict[int, Flip], pool: dict[int, Flip], eval_pool: Flip | None
               ) -> tuple[list[Flip], str]:
     """The flips a batch-run tensor depends on, and its layout for scoping them."""
-    attn_before = lambda m: [f for l, f in attn.items() if l < m]  # noqa: E731
+
+    def attn_before(m: int) -> list[Flip]:
+        return [f for l, f in attn.items() if l < m]
+
     final_pool = [pool[last]] if last in pool else []
     ev = [eval_pool] if eval_pool else []
     m = _LAYER.match(name)
@@ -391,7 +394,7 @@ def check_eval(fixture: Fixture, run: ModelRun, report: Report) -> None:
                                     ours["final.mask_for_pooling"], ref_pool, _eval_pool_decision,
                                     "final.mask_for_pooling eval pooling", by_image_only=False)
     for name in sorted(ref):
-        if name.startswith("bs1.") or name.startswith("train."):
+        if name.startswith(("bs1.", "train.")):
             continue
         if name not in ours:
             report.check(name, False, "(in the fixture, not produced by this implementation)")

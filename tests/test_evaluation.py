@@ -141,7 +141,7 @@ def _iterated_erosion_boundary(label: np.ndarray, ratio: float = 0.02) -> np.nda
     """detectron2's procedure written out literally: one ring of zeros, then d erosions with a 3x3
     kernel (outside the padded map counts as +inf), then label - eroded."""
     h, w = label.shape
-    d = max(1, int(round(ratio * math.sqrt(h * h + w * w))))
+    d = max(1, round(ratio * math.sqrt(h * h + w * w)))
     x = np.pad(label.astype(np.int64), 1, constant_values=0)
     for _ in range(d):
         big = np.pad(x, 1, constant_values=np.iinfo(np.int64).max)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from PIL import Image
 
 from ebseg_core.tta import OFFICIAL_MIN_SIZES, TTAConfig, segment_tta, tta_views

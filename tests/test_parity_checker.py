@@ -131,7 +131,7 @@ def test_eval_pooling_flip_uses_the_flag_margin(shipped, tmp_path):
     nudged["final.mask_for_pooling"].view(-1)[i] = -t.flatten()[i]
     nudged["final.pooled_clip_feature"] = ref["final.pooled_clip_feature"].clone()
     nudged["final.pooled_clip_feature"][b, q] += 0.05
-    wide = dict(atol=5e-3, rtol=1e-4, margin=5e-3)
+    wide = {"atol": 5e-3, "rtol": 1e-4, "margin": 5e-3}
     report = _verdict(tmp_path, "pool", run, nudged, **wide)
     assert report.passed, _printed(report)
     assert "threshold flip: 1 element within 0.005" in report.flip_notes["final.pooled_clip_feature"]
