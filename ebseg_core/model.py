@@ -279,14 +279,20 @@ class EBSeg(nn.Module):
 
     @torch.no_grad()
     def segment(self, images: list[np.ndarray], vocab: Vocabulary, batch_size: int = 4,
-                return_scores: bool = False, autocast_dtype: torch.dtype | None = None) -> list[Segmentation]:
+                return_scores: bool = False, autocast_dtype: torch.dtype | None = None,
+                output_sizes: list[tuple[int, int]] | None = None) -> list[Segmentation]:
         """Segment RGB images with a vocabulary; results at each image's original size.
 
         Images are batched only with images of the same padded size, so every result equals the
         one-image-at-a-time result of the official evaluation. `autocast_dtype` (e.g. torch.bfloat16)
         runs the model under autocast; the pixel decoder and the final scores stay in float32.
+        `output_sizes` (used by test-time augmentation): the images are already resized model inputs
+        (no test resize here) and result k is produced at output_sizes[k] (the official postprocess).
         """
-        prepared = [self.prepare_image(img) for img in images]
+        if output_sizes is None:
+            prepared = [self.prepare_image(img) for img in images]
+        else:
+            prepared = [torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() for img in images]
         d = self.config.size_divisibility
         groups: dict[tuple[int, int], list[int]] = {}
         for k, t in enumerate(prepared):
@@ -303,7 +309,7 @@ class EBSeg(nn.Module):
                 mask_pred = F.interpolate(mask_pred, size=padded, mode="bilinear", align_corners=False)
                 for j, k in enumerate(chunk):
                     h, w = prepared[k].shape[-2:]
-                    out = images[k].shape[:2]
+                    out = images[k].shape[:2] if output_sizes is None else output_sizes[k]
                     m = F.interpolate(mask_pred[j: j + 1, :, :h, :w], size=out, mode="bilinear",
                                       align_corners=False)[0]
                     results[k] = self._labels(mask_cls_log[j], m, return_scores)

@@ -13,8 +13,9 @@ Augmentation (the official MaskFormer semantic mapper): resize the shortest edge
 constraint), SSD-style colour jitter, horizontal flip, then pad bottom/right to ``pad_size`` with 128
 (image) and the ignore label (label). Per-class binary masks are built from the padded label map.
 
-Bad data: structural problems found while listing (no images, an image without its label file, a
-class-name file that does not match the labels) raise :class:`DatasetError` naming the file. Per-sample
+Bad data: structural problems found while listing (no images, no image with a label file, a class-name
+file that does not match the labels) raise :class:`DatasetError` naming the file; images without a label
+file are skipped and counted in a warning, as the official loader trains on the images that have labels. Per-sample
 problems at read time (unreadable image/label, label value out of range, size mismatch) raise
 :class:`DatasetError` too, unless ``skip_bad=True``: then the sample is replaced by the next one and
 counted (``TrainSampleDataset.bad_samples``), with a warning naming the file.
@@ -164,8 +165,9 @@ def read_class_names(url: str, storage_options: dict | None = None) -> list[tupl
 def list_dataset(spec: DatasetSpec) -> tuple[list[Sample], list[tuple[str, list[str]]] | None]:
     """All (image, label) pairs of a dataset, sorted, and its class names (generic layout only).
 
-    Images without a label file raise :class:`DatasetError` naming them (or are skipped with a warning
-    when ``spec.skip_bad``).
+    Like the official loader (detectron2's ``load_sem_seg`` keeps the intersection of images and label
+    files), images without a label file and labels without an image are skipped; their counts are
+    logged as a warning naming an example. Only a dataset with no pair left is refused.
     """
     fs, root = _fs(spec.root, spec.storage_options)
     if spec.layout == "generic":
@@ -181,22 +183,22 @@ def list_dataset(spec: DatasetSpec) -> tuple[list[Sample], list[tuple[str, list[
     if not images:
         raise DatasetError(f"no images found under {_unstrip(fs, spec.root, img_dir)} (layout {spec.layout!r})")
     labels = _find(fs, lab_dir, (".png",))
-    samples, missing = [], []
-    for key, ipath in images.items():
-        if key in labels:
-            samples.append(Sample(_unstrip(fs, spec.root, ipath), _unstrip(fs, spec.root, labels[key])))
-        else:
-            missing.append(_unstrip(fs, spec.root, ipath))
-    if missing:
-        msg = (
-            f"{len(missing)} image(s) have no label file under {_unstrip(fs, spec.root, lab_dir)}, "
-            f"e.g. {missing[0]} (expected {key_hint(missing[0])}.png)"
-        )
-        if not spec.skip_bad:
-            raise DatasetError(msg + "; add the labels or set skip_bad to skip such images")
-        log.warning("skipping: %s", msg)
+    samples = [Sample(_unstrip(fs, spec.root, ipath), _unstrip(fs, spec.root, labels[key]))
+               for key, ipath in images.items() if key in labels]
+    unlabeled = [_unstrip(fs, spec.root, ipath) for key, ipath in images.items() if key not in labels]
+    orphans = len(labels.keys() - images.keys())
+    where = _unstrip(fs, spec.root, lab_dir)
     if not samples:
-        raise DatasetError(f"no (image, label) pairs in {spec.root}")
+        raise DatasetError(
+            f"no (image, label) pairs in {spec.root}: none of the {len(images)} image(s) has a label file under "
+            f"{where}, e.g. {unlabeled[0]} (expected {key_hint(unlabeled[0])}.png)"
+        )
+    if unlabeled:
+        log.warning("%s: skipping %d of %d image(s) without a label file under %s (e.g. %s); training on %d",
+                    spec.root, len(unlabeled), len(images), where, unlabeled[0], len(samples))
+    if orphans:
+        log.warning("%s: skipping %d label file(s) without an image under %s",
+                    spec.root, orphans, _unstrip(fs, spec.root, img_dir))
     return samples, class_names
 
 

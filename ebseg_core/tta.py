@@ -1,21 +1,23 @@
 """Test-time augmentation as the official evaluation offers it (off by default).
 
 The official recipe (Mask2Former's ``SemanticSegmentorWithTTA`` with detectron2's ``DatasetMapperTTA``,
-config ``TEST.AUG``): run the model with the image's short side resized to each of
-``320, 480, 640, 800, 960, 1120`` (long side capped at 4480), each also horizontally flipped, bring every
-per-class score map back to the original size (flipped ones flipped back), average them, then take the
-arg-max. It costs ~12 forward passes per image, most at sizes above the default 640.
+config ``TEST.AUG``): the test mapper resizes the image to the test size (short side 640), and from that
+image each view is resized to a short side of ``320, 480, 640, 800, 960, 1120`` (long side capped at
+4480) and also horizontally flipped; every view's per-class score map is brought back to the original size
+(flipped ones flipped back), averaged, then the arg-max is taken. It costs ~12 forward passes per image,
+most at sizes above the default 640.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
+
+from .model import resized_shape
 
 OFFICIAL_MIN_SIZES = (320, 480, 640, 800, 960, 1120)
 OFFICIAL_MAX_SIZE = 4480
@@ -40,15 +42,25 @@ class TTAConfig:
         return len(self.min_sizes) * (2 if self.flip else 1)
 
 
-@contextlib.contextmanager
-def _test_size(model, min_size: int, max_size: int):
-    """Temporarily run ``model.segment`` at another input size (it reads ``model.config`` per call)."""
-    old = model.config
-    model.config = dataclasses.replace(old, test_min_size=int(min_size), test_max_size=int(max_size))
-    try:
-        yield
-    finally:
-        model.config = old
+def _resize_bilinear(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """PIL bilinear resize of a uint8 HxWx3 image (detectron2's ResizeTransform for uint8 images)."""
+    if tuple(image.shape[:2]) == tuple(hw):
+        return image
+    return np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.BILINEAR))
+
+
+def tta_views(model, image: np.ndarray, config: TTAConfig = TTAConfig()) -> Iterator[tuple[np.ndarray, bool]]:
+    """The model inputs of one image, as (HxWx3 uint8 view, flipped) in the official order (made lazily).
+
+    Official chain: the test mapper first resizes the image to the test size (``model.prepare_image``),
+    and each TTA scale is then resized from *that* image (original -> test size -> scale), then flipped.
+    """
+    base = model.prepare_image(image).to(torch.uint8).permute(1, 2, 0).numpy()
+    for size in config.min_sizes:
+        scaled = _resize_bilinear(base, resized_shape(base.shape[0], base.shape[1], size, config.max_size))
+        yield scaled, False
+        if config.flip:
+            yield np.ascontiguousarray(scaled[:, ::-1]), True
 
 
 @dataclass
@@ -67,21 +79,21 @@ def segment_tta(model, images: Sequence[np.ndarray], vocab, batch_size: int = 4,
     """Segment images averaging the class scores over scales and flips (official merge rule)."""
     images = [np.ascontiguousarray(im) for im in images]
     sums: list[torch.Tensor | None] = [None] * len(images)
-    views = [(s, False) for s in config.min_sizes] + ([(s, True) for s in config.min_sizes] if config.flip else [])
-    for size, flip in views:
-        batch = [np.ascontiguousarray(im[:, ::-1]) if flip else im for im in images]
-        with _test_size(model, size, config.max_size):
-            outs = model.segment(batch, vocab, batch_size=batch_size, return_scores=True,
-                                 autocast_dtype=autocast_dtype)
+    sizes = [tuple(im.shape[:2]) for im in images]
+    for same_view in zip(*(tta_views(model, im, config) for im in images)):
+        flips = [flip for _, flip in same_view]
+        # Every view's scores come back at the original size (the official sem_seg_postprocess).
+        outs = model.segment([view for view, _ in same_view], vocab, batch_size=batch_size,
+                             return_scores=True, autocast_dtype=autocast_dtype, output_sizes=sizes)
         for k, out in enumerate(outs):
             s = out.scores.float()
-            if flip:
+            if flips[k]:
                 s = s.flip(dims=[2])
             sums[k] = s if sums[k] is None else sums[k] + s
     results = []
     for s in sums:
         assert s is not None
-        mean = s / len(views)
+        mean = s / config.num_views
         conf, label = mean.max(dim=0)
         total = mean.sum(dim=0).clamp_min(1e-12)
         results.append(TTAResult(label.to(torch.int64), (conf / total).float(), mean if return_scores else None))

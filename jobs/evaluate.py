@@ -33,8 +33,10 @@ examples:
   # on a Ray cluster
   ray job submit --working-dir . -- python -m jobs.evaluate --dataset ade150 --root s3://... ...
 
-output: the table (mIoU per dataset, as in the EBSeg README) and, with --out, results.json (all
-metrics, per-class IoU/ACC, detectron2 semantics), summary.csv and per_class_<dataset>.csv.
+output: the table (mIoU per dataset, as in the EBSeg README; each detail line also gives the mean of the
+per-class Boundary IoU for datasets under 255 classes) and, with --out, results.json (all metrics,
+per-class IoU/ACC/BoundaryIoU, detectron2 semantics, and the same under detectron2's own keys such as
+"BoundaryIoU-<name>" and "min(IoU, B-Iou)-<name>"), summary.csv and per_class_<dataset>.csv.
 exit status: 0 all images scored, 1 some images failed (listed), 2 usage error.
 """
 

@@ -10,9 +10,13 @@ example:
   ebseg parity ../shared/reference/parity_tiny_b
 
 Builds the model from the fixture's config.json, loads the official-key weights strictly, runs the
-fixture's inputs and compares every recorded intermediate tensor and training loss. Prints one line
-per tensor; exit status 0 when all are within tolerance, 1 on a mismatch, 2 when the folder is not a
-fixture.
+fixture's eval images (inputs.safetensors eval.image0..) at the output sizes its config.json lists
+(inputs.eval_output_hw...), alone where it has bs1.img<b>.* tensors, and the training losses where it
+has train_outputs.safetensors, and compares every tensor the fixture recorded. Prints one line per
+tensor and per hard-threshold decision ("decision: ..."): where our decision differs from the
+reference's only within --flip-margin of the threshold, the line and the tensors downstream of it
+read "threshold flip: N elements within ... of the threshold" instead of failing.
+Exit status 0 when all pass, 1 on a mismatch, 2 when the folder is not a usable fixture.
 """
 
 

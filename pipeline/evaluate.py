@@ -26,7 +26,7 @@ import numpy as np
 
 from ebseg_core.data import Benchmark, BenchmarkError, get_benchmark, list_pairs
 from ebseg_core.vocabulary import Vocabulary, VocabularyError
-from ebseg_core.evaluation import SemSegEvaluator
+from ebseg_core.evaluation import SemSegEvaluator, detectron2_style, mean_defined
 from pipeline.resources import actor_torch_threads, set_torch_threads
 
 #: Column titles of the printed table (the README's order: A-847, PC-459, A-150, PC-59, VOC).
@@ -121,13 +121,26 @@ def read_label(uri: str) -> np.ndarray:
     return arr
 
 
-def sparse_confusion(pred, gt, num_classes: int, ignore_label: int) -> tuple[np.ndarray, np.ndarray]:
-    """Non-zero cells of one image's confusion matrix: flat indices (int32) and counts (int64)."""
-    from ebseg_core.evaluation import confusion_matrix
+def sparse_confusion(pred, gt, num_classes: int, ignore_label: int) -> tuple[np.ndarray, ...]:
+    """Non-zero cells of one image's confusion matrix and of its Boundary IoU matrix (empty when the
+    benchmark has too many classes for it): flat indices (int32) and counts (int64) of each."""
+    from ebseg_core.evaluation import boundary_confusion_matrix, boundary_supported, confusion_matrix
 
-    m = confusion_matrix(pred, gt, num_classes, ignore_label).reshape(-1)
-    idx = np.flatnonzero(m)
-    return idx.astype(np.int32), m[idx].astype(np.int64)
+    def sparse(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m = m.reshape(-1)
+        idx = np.flatnonzero(m)
+        return idx.astype(np.int32), m[idx].astype(np.int64)
+
+    cm = sparse(confusion_matrix(pred, gt, num_classes, ignore_label))
+    if not boundary_supported(num_classes):
+        return cm + (np.zeros(0, np.int32), np.zeros(0, np.int64))
+    return cm + sparse(boundary_confusion_matrix(pred, gt, num_classes, ignore_label))
+
+
+def _dense(size: int, idx, cnt) -> np.ndarray:
+    flat = np.zeros(size, np.int64)
+    np.add.at(flat, np.asarray(idx, np.int64), np.asarray(cnt, np.int64))
+    return flat
 
 
 @dataclass(frozen=True)
@@ -182,8 +195,8 @@ class Scorer:
         from pipeline.storage import read_bytes
 
         n = len(batch["key"])
-        out: dict[str, list] = {"dataset": [], "key": [], "cm_index": [], "cm_count": [], "error": [],
-                                "seconds": []}
+        out: dict[str, list] = {"dataset": [], "key": [], "cm_index": [], "cm_count": [], "bm_index": [],
+                                "bm_count": [], "error": [], "seconds": []}
         loaded: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
         errors: dict[int, str] = {}
         for i in range(n):
@@ -196,7 +209,7 @@ class Scorer:
                 loaded.setdefault(str(batch["dataset"][i]), []).append((i, image, label))
             except Exception as e:  # recorded per image; the run reports them and fails
                 errors[i] = f"{batch['image_uri'][i]}: {type(e).__name__}: {e}"
-        results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        results: dict[int, tuple[np.ndarray, ...]] = {}
         seconds: dict[int, float] = {}
         for ds, items in loaded.items():
             t0 = time.perf_counter()
@@ -209,12 +222,15 @@ class Scorer:
                     seconds[i] = dt
                 except Exception as e:
                     errors[i] = f"{batch['label_uri'][i]}: {type(e).__name__}: {e}"
+        empty = (np.zeros(0, np.int32), np.zeros(0, np.int64)) * 2
         for i in range(n):
-            idx, cnt = results.get(i, (np.zeros(0, np.int32), np.zeros(0, np.int64)))
+            idx, cnt, b_idx, b_cnt = results.get(i, empty) if i not in errors else empty
             out["dataset"].append(str(batch["dataset"][i]))
             out["key"].append(str(batch["key"][i]))
-            out["cm_index"].append(idx if i not in errors else np.zeros(0, np.int32))
-            out["cm_count"].append(cnt if i not in errors else np.zeros(0, np.int64))
+            out["cm_index"].append(idx)
+            out["cm_count"].append(cnt)
+            out["bm_index"].append(b_idx)
+            out["bm_count"].append(b_cnt)
             out["error"].append(errors.get(i, ""))
             out["seconds"].append(seconds.get(i, 0.0))
         return out
@@ -309,15 +325,16 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalR
     first_done = None
     for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
         first_done = first_done or time.perf_counter()
-        for d, idx, cnt, err, sec in zip(batch["dataset"], batch["cm_index"], batch["cm_count"], batch["error"],
-                                         batch["seconds"]):
+        for d, idx, cnt, b_idx, b_cnt, err, sec in zip(batch["dataset"], batch["cm_index"], batch["cm_count"],
+                                                       batch["bm_index"], batch["bm_count"], batch["error"],
+                                                       batch["seconds"]):
             ev = evaluators[str(d)]
             if err:
                 errors[str(d)].append(str(err))
                 continue
-            flat = np.zeros(ev.matrix.size, np.int64)
-            np.add.at(flat, np.asarray(idx, np.int64), np.asarray(cnt, np.int64))
-            ev.add_matrix(flat.reshape(ev.matrix.shape))
+            boundary = (_dense(ev.matrix.size, b_idx, b_cnt).reshape(ev.matrix.shape)
+                        if ev.boundary_matrix is not None else None)
+            ev.add_matrix(_dense(ev.matrix.size, idx, cnt).reshape(ev.matrix.shape), 1, boundary)
             seconds[str(d)] += float(sec)
     wall = time.perf_counter() - t0
     results = [DatasetResult(b.name, evaluators[b.name].compute(), evaluators[b.name].num_images,
@@ -357,7 +374,9 @@ def format_table(report: EvalReport) -> list[str]:
     for r in report.results:
         mt = r.metrics
         lines.append(f"{r.name}: mIoU {_fmt(mt['mIoU'])}  fwIoU {_fmt(mt['fwIoU'])}  mACC {_fmt(mt['mACC'])}  "
-                     f"pACC {_fmt(mt['pACC'])}  images {r.num_images}"
+                     f"pACC {_fmt(mt['pACC'])}"
+                     + (f"  mean BoundaryIoU {_fmt(mean_defined(mt['BoundaryIoU']))}" if "BoundaryIoU" in mt else "")
+                     + f"  images {r.num_images}"
                      + (f"  FAILED {len(r.errors)}" if r.errors else ""))
     lines.append(f"{sum(r.num_images for r in report.results)} images in {report.seconds:.1f} s "
                  f"({report.images_per_second:.2f} images/s)")
@@ -376,9 +395,10 @@ def save_report(report: EvalReport, out: str) -> list[str]:
     doc = {"model": report.model, "seconds": report.seconds, "images_per_second": report.images_per_second,
            "datasets": {}}
     for r in report.results:
-        mt = {k: ([_nan_to_none(v) for v in val] if isinstance(val, list) and k in ("IoU", "ACC") else
+        mt = {k: ([_nan_to_none(v) for v in val] if isinstance(val, list) and k != "class_names" else
                   _nan_to_none(val)) for k, val in r.metrics.items()}
-        doc["datasets"][r.name] = {**mt, "errors": r.errors, "model_seconds": r.seconds}
+        doc["datasets"][r.name] = {**mt, "errors": r.errors, "model_seconds": r.seconds,
+                                   "detectron2": {k: _nan_to_none(v) for k, v in detectron2_style(r.metrics).items()}}
     written.append(atomic_write_bytes(join(out, "results.json"), json.dumps(doc, indent=1).encode()))
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -391,10 +411,13 @@ def save_report(report: EvalReport, out: str) -> list[str]:
     for r in report.results:
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["class_id", "class_name", "IoU", "ACC"])
+        boundary = "BoundaryIoU" in r.metrics
+        w.writerow(["class_id", "class_name", "IoU", "ACC"] + (["BoundaryIoU", "min(IoU, B-Iou)"] if boundary else []))
         names = r.metrics.get("class_names") or [str(i) for i in range(len(r.metrics["IoU"]))]
         for i, (nm, iou, acc) in enumerate(zip(names, r.metrics["IoU"], r.metrics["ACC"])):
-            w.writerow([i, nm, _fmt_csv(iou), _fmt_csv(acc)])
+            w.writerow([i, nm, _fmt_csv(iou), _fmt_csv(acc)]
+                       + ([_fmt_csv(r.metrics["BoundaryIoU"][i]), _fmt_csv(r.metrics["min(IoU, B-Iou)"][i])]
+                          if boundary else []))
         written.append(atomic_write_bytes(join(out, f"per_class_{r.name}.csv"), buf.getvalue().encode()))
     return written
 

@@ -59,6 +59,26 @@ def test_ground_truth_predictor_gives_100_from_s3(ray_local, s3, s3_prefix, tmp_
     assert summary[0].startswith("dataset,mIoU") and summary[1].startswith("voc20,100.0000")
     per_class = s3.fs.cat(s3_prefix + "out/per_class_pc459.csv").decode().splitlines()
     assert len(per_class) == 1 + 459 and per_class[1] == "0,accordion,100.0000,100.0000"
+    # Boundary IoU: the actors' per-image boundary matrices summed on the driver equal one evaluator fed
+    # the same images; pc459 has too many classes for it (as in detectron2)
+    from ebseg_core.data import list_pairs
+    from ebseg_core.evaluation import SemSegEvaluator
+    from pipeline.evaluate import read_label
+
+    direct = SemSegEvaluator(20)
+    for pair in list_pairs(get_benchmark("voc20"), str(tmp_path / "d")):
+        lab = read_label(pair.label_uri)
+        direct.process(np.where(lab == 255, 0, lab), lab)
+    voc = report.results[0].metrics
+    assert voc["BoundaryIoU"] == pytest.approx(direct.compute()["BoundaryIoU"], nan_ok=True)
+    assert "BoundaryIoU" not in report.results[1].metrics
+    assert any(line.startswith("voc20: mIoU 100.0") and "mean BoundaryIoU" in line for line in lines)
+    d2 = doc["datasets"]["voc20"]["detectron2"]
+    name = load_class_names("voc20")[0][0]
+    assert d2[f"BoundaryIoU-{name}"] == pytest.approx(voc["BoundaryIoU"][0])
+    assert f"min(IoU, B-Iou)-{name}" in d2 and "BoundaryIoU-accordion" not in doc["datasets"]["pc459"]["detectron2"]
+    per_class_voc = s3.fs.cat(s3_prefix + "out/per_class_voc20.csv").decode().splitlines()
+    assert per_class_voc[0] == 'class_id,class_name,IoU,ACC,BoundaryIoU,"min(IoU, B-Iou)"'
 
 
 def test_broken_image_is_reported_not_hidden(ray_local, tmp_path):

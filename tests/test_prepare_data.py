@@ -366,3 +366,41 @@ def test_pc_and_ade847_clear_errors(tmp_path, capsys):
     fails("ade847", ade, "image missing for ADE_val_00000001")
     _jpg(ade / "images/ADE/validation/a/ADE_val_00000001.jpg")
     fails("ade847", ade, "ADE20K object mask missing", "ADE_val_00000001_seg.png")
+
+
+def test_official_recipe_starts_on_prepared_coco_with_dropped_labels(tmp_path, caplog, capsys):
+    """`prepare-data coco171 --split train` written next to the raw images (the detectron2 layout) drops the
+    all-ignore label maps, so some images have no label: the recipe skips and counts them, like the official
+    loader, and refuses only a dataset with no labelled image."""
+    import logging
+
+    from jobs import train as train_job
+    from pipeline.train import load_config, prepare
+    from tests.conftest import REPO_ROOT
+
+    root = tmp_path / "datasets"
+    raw = root / "coco"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 9), ("val", 2)):
+        for k in range(n):
+            stem = f"{k:012d}"
+            _jpg(raw / f"{split}2017/{stem}.jpg", 8, 10)
+            label = rng.integers(0, 182, (8, 10)) if k != 1 else np.full((8, 10), 255)  # image 1: all ignore
+            _png(raw / f"stuffthingmaps/{split}2017/{stem}.png", label)
+        assert prepare_dataset("coco171", str(raw), str(root), split=split, log=lambda _: None).skipped_empty == 1
+    recipe = str(REPO_ROOT / "configs" / "ebseg_b_coco171.yaml")
+    cfg = load_config(recipe, [f"data.train={root}", f"data.val={root}"])
+    assert not cfg.data.skip_bad  # the recipe as shipped
+    with caplog.at_level(logging.WARNING, logger="ebseg_core.train_data"):
+        payload = prepare(cfg)
+    assert len(payload["samples"]) == 8 and len(payload["val_samples"]) == 1
+    assert not any(s[0].endswith("000000000001.jpg") for s in payload["samples"])
+    warned = [r.getMessage() for r in caplog.records if "without a label file" in r.getMessage()]
+    assert len(warned) == 2 and "skipping 1 of 9 image(s)" in warned[0] and "000000000001.jpg" in warned[0]
+
+    for lab in (root / "coco/stuffthingmaps_detectron2/train2017").glob("*.png"):
+        lab.unlink()
+    capsys.readouterr()
+    assert module_main(train_job, ["--config", recipe, "--set", f"data.train={root}"]) == 2
+    err = capsys.readouterr().err
+    assert "no (image, label) pairs" in err and "none of the 9 image(s) has a label file" in err

@@ -107,9 +107,11 @@ def test_bad_datasets_give_named_errors_before_any_worker_starts(tmp_path, capsy
     cfg = str(CONFIGS / "tiny_generic.yaml")
     data = tmp_path / "d"
     _generic_dataset(data, 4, seed=0)
-    (data / "labels" / "blob_00002.png").unlink()
-    rc, err = _run_cli(["--config", cfg, "--set", f"data.train={data}"], capsys)
-    assert rc == 2 and "blob_00002" in err and "no label file" in err and "Traceback" not in err
+    unlabeled = tmp_path / "u"
+    _generic_dataset(unlabeled, 4, seed=0)
+    shutil.rmtree(unlabeled / "labels")
+    rc, err = _run_cli(["--config", cfg, "--set", f"data.train={unlabeled}"], capsys)
+    assert rc == 2 and "blob_00000" in err and "has a label file" in err and "Traceback" not in err
 
     data2 = tmp_path / "d2"
     _generic_dataset(data2, 4, seed=0, names="wall\nsky\ntree\n")  # labels use 4 classes

@@ -1,5 +1,6 @@
 """Training data: layouts, the official augmentation, bad-data errors, the resumable sample stream."""
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -117,13 +118,18 @@ def test_train_dataset_and_collate(tmp_path):
     assert torch.equal(ds[5]["image"], ds[5]["image"])
 
 
-def test_missing_label_file_is_named(tmp_path):
+def test_images_without_labels_are_skipped_and_counted(tmp_path, caplog):
     spec = _generic(tmp_path)
     (tmp_path / "labels" / "blob_00003.png").unlink()
-    with pytest.raises(DatasetError, match="blob_00003"):
+    with caplog.at_level(logging.WARNING, logger="ebseg_core.train_data"):
+        samples, _ = list_dataset(spec)
+    assert len(samples) == 5 and not any("blob_00003" in s.image for s in samples)
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert "skipping 1 of 6 image(s) without a label file" in msg and "images/blob_00003.png" in msg
+    for lab in (tmp_path / "labels").glob("*.png"):
+        lab.unlink()
+    with pytest.raises(DatasetError, match="no .image, label. pairs.*none of the 6 image.s. has a label file"):
         list_dataset(spec)
-    spec.skip_bad = True
-    assert len(list_dataset(spec)[0]) == 5
 
 
 def test_label_out_of_range_names_file(tmp_path):
