@@ -624,7 +624,8 @@ def _resources(cfg: LabelConfig) -> tuple[int, float, float]:
     cpus = float(res.get("CPU", 1))
     g = cfg.num_gpus_per_actor if cfg.num_gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
     if g > 0 and g > gpus:
-        raise LabelError(f"--num-gpus-per-actor {g} but the Ray cluster has {gpus:g} GPUs")
+        raise LabelError(f"--num-gpus-per-actor {g:g} asks for {g:g} GPU per model actor, but the Ray cluster has "
+                         f"{gpus:g} GPUs ({cpus:g} CPUs); leave the flag out to label on CPU")
     n = cfg.num_actors or (max(1, int(gpus // g)) if g > 0 else 1)
     if cfg.num_cpus_per_actor is not None:
         c = cfg.num_cpus_per_actor

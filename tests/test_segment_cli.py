@@ -41,3 +41,18 @@ def test_segment_refuses_without_weights_or_inputs(tmp_path, capsys):
     assert module_main(segment, [str(img), "--vocabulary", "a,a", "--preset", "ebseg-tiny", "--random-weights",
                          "--out", str(tmp_path)]) == 2
     assert "appears twice" in capsys.readouterr().err
+
+
+def test_segment_device_that_is_not_there_is_one_line(tmp_path, capsys):
+    import torch
+
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    n = torch.cuda.device_count()
+    device = "cuda" if n == 0 else f"cuda:{n}"  # a device this machine does not have
+    rc = module_main(segment, [str(img), "--vocabulary", "a,b", "--preset", "ebseg-tiny", "--random-weights",
+                               "--device", device, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"ebseg segment: error: --device {device} asks for ") and err.count("\n") == 1
+    assert "this machine has" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
