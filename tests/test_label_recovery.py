@@ -317,3 +317,20 @@ def test_credential_outage_stops_the_job_and_a_rerun_completes(s3, s3_prefix, tm
     table = read_output(s3, out)
     check_rows(table, expected)  # every input exactly once, no `read` error rows from the outage
     assert "read" not in table.column("error_kind").to_pylist()
+
+
+def test_help_label_example_is_accepted_as_typed():
+    """The `ebseg --help` label example parses and passes the checks that refused it (no --checkpoint)."""
+    import argparse
+    import shlex
+
+    from jobs import cli
+    from jobs import label as label_job
+
+    text = cli.EPILOG.replace("\\\n", " ")
+    line = next(l for l in text.splitlines() if l.strip().startswith("ebseg label "))
+    words = shlex.split(line.split("  pseudo-label")[0])[2:]
+    parser = argparse.ArgumentParser()
+    label_job.add_arguments(parser)
+    cfg = label_job.config_from_args(parser.parse_args(words))
+    assert cfg.checkpoint and cfg.input and cfg.vocabulary and not cfg.random_weights
