@@ -397,7 +397,7 @@ def unique_in_order(uris: Iterator[str], workdir: str, buckets: int = DEDUP_BUCK
         if len(pending[b][0]) >= flush_at:
             flush_bucket(b)
         in_order.append(uri)
-        if len(in_order) >= 65536:
+        if len(in_order) >= 8192:
             flush_spool()
     flush_spool()
     spool.close()
