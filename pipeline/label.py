@@ -22,6 +22,7 @@ import datetime as _dt
 import hashlib
 import io
 import json
+import logging
 import os
 import time
 from collections import Counter, defaultdict
@@ -282,12 +283,17 @@ def _deferred_row(uri: str, message: str, hint: str) -> dict:
             "height": None, "pixels": None, "source_bytes": None, "content_sha1": None}
 
 
+READ_WORKER_MIB = 256  # a read worker's own memory (Python, pyarrow, Pillow, fsspec: ~120 MiB measured) with margin
+READ_IMAGE_MIB = 4  # per input of a chunk: a decoded RGB image of ~1.3 megapixels
+
+
 def read_task_args(chunk: int) -> dict:
-    """Ray remote args of the read tasks: a CPU, and a memory reservation for one chunk of decoded
-    images (a megapixel RGB image per input). They also keep the reads out of the model actors:
-    Ray Data fuses adjacent map stages whose resources are equal, and fused, the actor would read
-    and decode between batches while the GPU waits. The model stage never reserves memory this way."""
-    return {"num_cpus": 1.0, "memory": chunk * 3 * 2**20}
+    """Ray remote args of the read tasks: a CPU, and a memory reservation for the worker and one chunk
+    of decoded images (Ray Data says at the end of a run when the reads used more). The reservation
+    also keeps the reads out of the model actors: Ray Data fuses adjacent map stages whose resources
+    are equal, and fused, the actor would read and decode between batches while the GPU waits. The
+    model stage never reserves memory this way."""
+    return {"num_cpus": 1.0, "memory": (READ_WORKER_MIB + chunk * READ_IMAGE_MIB) * 2**20}
 
 
 def _decoded_table(shards: list[int], uris: list[str], rows: list[dict]) -> pa.Table:
@@ -606,14 +612,21 @@ def load_vocabulary(cfg: LabelConfig):
 def _ensure_ray(cfg: LabelConfig) -> None:
     import ray
 
+    if not cfg.progress_bars:
+        # Quiet by default: our own progress line replaces Ray Data's bars and its per-run INFO lines
+        # (plan, start, finish); its warnings still show.
+        # (Ray Data reconfigures its "ray.data" logger per run; these module loggers keep their level.)
+        logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled, to enable..."
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     else:  # embedded local Ray; logical CPUs > cores so actors never starve the read tasks
         cpus = os.cpu_count() or 2
-        ray.init(address="local", num_cpus=max(4, 2 * cpus), include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=max(4, 2 * cpus), include_dashboard=False, log_to_driver=True,
+                 logging_level=logging.WARNING)
 
 
 def _resources(cfg: LabelConfig) -> tuple[int, float, float]:
