@@ -357,3 +357,27 @@ def test_help_label_example_is_accepted_as_typed():
     label_job.add_arguments(parser)
     cfg = label_job.config_from_args(parser.parse_args(words))
     assert cfg.checkpoint and cfg.input and cfg.vocabulary and not cfg.random_weights
+
+
+def test_input_refused_at_start_stops_before_labeling(s3, s3_prefix, tmp_path, monkeypatch):
+    """Credentials refused on the first inputs: one LabelError from the driver's probe, nothing labeled."""
+    import s3fs
+
+    from tests.flaky_proxy import FlakyProxy
+
+    for i in range(3):
+        s3.fs.pipe_file(f"{s3_prefix.removeprefix('s3://')}images/img_{i}.png",
+                        Path(write_images(tmp_path / "src", 1, start=i)[0]).read_bytes())
+    out = str(tmp_path / "out")
+    with FlakyProxy(s3.endpoint_url, error="expired_token", fail_fraction=1.0, max_failures=10**6,
+                    path_contains="/images/", repeat=True, lifetime_s=120) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+        s3fs.S3FileSystem.clear_instance_cache()  # the driver's cached client still knows the old endpoint
+        try:
+            with pytest.raises(LabelError, match=r"refused the job's credentials .*token has expired.*renew"):
+                run_label(config(out, input=s3_prefix + "images/"))
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+        assert proxy.injected >= 1
+    assert not list(Path(out).glob("labels-*")) and not (Path(out) / "_parts").exists()
