@@ -672,11 +672,22 @@ def _check_job_identity(cfg: LabelConfig, ident: dict, labeled_any: bool, log: C
         old = json.loads(read_bytes(url))
         if old == ident:
             return
-        if labeled_any:
+        if "weights_sha256" not in old and _same_legacy_job(old, ident, cfg.checkpoint):
+            log(f"[label] {JOB_MARKER} of an earlier version: the weights are now recorded by content")
+        elif labeled_any:
             raise LabelError(f"{cfg.output} holds labels of another job ({old}); this run is {ident}. "
                              "Write to a new --output to label with a different vocabulary or model.")
-        log(f"[label] {cfg.output} was started by a job that labeled nothing ({old}); this run replaces it")
+        else:
+            log(f"[label] {cfg.output} was started by a job that labeled nothing ({old}); this run replaces it")
     write_bytes_atomic(url, json.dumps(ident).encode())
+
+
+def _same_legacy_job(old: dict, ident: dict, checkpoint: str | None) -> bool:
+    """A ``_job.json`` written before weights were identified by content matches when it names the
+    same checkpoint path and everything else is equal (all it could tell); it then gets the content
+    identity."""
+    keys = ("vocabulary_id", "preset", "inference_size", "inference_max_size")
+    return all(old.get(k) == ident[k] for k in keys) and old.get("checkpoint") == checkpoint
 
 
 def reopen_error_rows(output: str, plan: Plan, kinds: set[str]) -> int:

@@ -381,3 +381,21 @@ def test_input_refused_at_start_stops_before_labeling(s3, s3_prefix, tmp_path, m
             s3fs.S3FileSystem.clear_instance_cache()
         assert proxy.injected >= 1
     assert not list(Path(out).glob("labels-*")) and not (Path(out) / "_parts").exists()
+
+
+def test_job_marker_of_an_earlier_version_is_upgraded_not_refused(tmp_path):
+    """Outputs written when `_job.json` named the checkpoint by path keep working: same job -> upgraded."""
+    from pipeline.label import _check_job_identity
+
+    ident = {"vocabulary_id": "v1", "preset": "ebseg-tiny", "weights_sha256": "random", "inference_size": 32,
+             "inference_max_size": None}
+    legacy = {"vocabulary_id": "v1", "preset": "ebseg-tiny", "checkpoint": None, "random_weights": True,
+              "inference_size": 32, "inference_max_size": None}
+    marker = tmp_path / "_job.json"
+    cfg = config(str(tmp_path))
+    marker.write_text(json.dumps(legacy))
+    _check_job_identity(cfg, ident, True, lambda _: None)
+    assert json.loads(marker.read_text()) == ident
+    marker.write_text(json.dumps({**legacy, "inference_size": 48}))  # another job that holds labels: refused
+    with pytest.raises(LabelError, match="holds labels of another job"):
+        _check_job_identity(cfg, ident, True, lambda _: None)
