@@ -399,3 +399,23 @@ def test_job_marker_of_an_earlier_version_is_upgraded_not_refused(tmp_path):
     marker.write_text(json.dumps({**legacy, "inference_size": 48}))  # another job that holds labels: refused
     with pytest.raises(LabelError, match="holds labels of another job"):
         _check_job_identity(cfg, ident, True, lambda _: None)
+
+
+def test_progress_lines_come_on_a_timer_not_per_batch():
+    """Progress is printed every interval even while no batch arrives (a slow model, a large write batch)."""
+    import threading
+
+    from pipeline.label import _Progress
+
+    lines: list[str] = []
+    two = threading.Event()
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if len(lines) >= 2:
+            two.set()
+
+    with _Progress(log, 0.05, total=100, skipped=10, todo=90) as progress:
+        progress.processed, progress.ok, progress.errors = 5, 4, 1
+        assert two.wait(30), lines  # no batch arrives in between: the lines come from the timer
+    assert lines[-1].startswith("[label] 15/100 images (15.0%)") and "ok 4 errors 1" in lines[-1]
