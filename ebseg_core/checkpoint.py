@@ -185,3 +185,38 @@ def build_model(config: EBSegConfig | str = "ebseg-b", checkpoint: str | None = 
     if device is not None:
         model.to(device)
     return model
+
+
+def weights_digest(path_or_url: str) -> str:
+    """SHA-256 of a checkpoint's bytes: the weights' identity, whatever path or URL names them.
+
+    Computed once per file and cached (keyed by the resolved file's path, size and mtime), beside the
+    download for URLs, in the cache directory for local files; a file rewritten in place gets a new
+    digest. URLs are downloaded first (`resolve_path`, cached), so this reads local bytes only.
+    """
+    path = resolve_path(path_or_url).resolve()
+    st = path.stat()
+    key = f"{st.st_size}:{st.st_mtime_ns}"
+    if path.is_relative_to(_cache_dir().resolve()):
+        sidecar = path.with_name(path.name + ".sha256")
+    else:
+        sidecar = _cache_dir() / "digests" / (hashlib.sha1(str(path).encode()).hexdigest()[:24] + ".sha256")
+    try:
+        cached_key, digest = sidecar.read_text().split()
+        if cached_key == key:
+            return digest
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    digest = h.hexdigest()
+    try:
+        sidecar.parent.mkdir(parents=True, exist_ok=True)
+        tmp = sidecar.with_name(f"{sidecar.name}.{os.getpid()}.tmp")
+        tmp.write_text(f"{key} {digest}\n")
+        os.replace(tmp, sidecar)
+    except OSError:  # a read-only cache only costs the hash again next time
+        pass
+    return digest

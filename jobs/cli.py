@@ -38,8 +38,8 @@ EPILOG = """\
 typical flow:
   ebseg doctor                          check the installation (versions, CUDA, kernel, cluster)
   ebseg segment --help                  try the model on a few local images
-  ebseg label --input s3://bucket/images/ --output s3://bucket/labels/ --vocabulary "cat,dog;puppy,grass"
-                                        pseudo-label a bucket of images into Parquet with Ray Data
+  ebseg label --input s3://bucket/images/ --output s3://bucket/labels/ --vocabulary "cat,dog;puppy,grass" \\
+      --checkpoint EBSeg_base.pth       pseudo-label a bucket of images into Parquet with Ray Data
   ebseg curate --help                   query, export and report the labels
 
 Run `ebseg <command> --help` for a command's options. Every command also runs as

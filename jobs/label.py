@@ -31,6 +31,19 @@ _SUCCESS (a summary, written when every shard is done). Details: docs/labeling.m
 """
 
 
+_ALL_KINDS_TEXT = "read, empty, not_image, truncated, too_large, unsupported, decode, model, encode"
+_ALL_KINDS = tuple(_ALL_KINDS_TEXT.split(", "))  # pipeline.schema.ERROR_KINDS; kept here so --help loads no pyarrow
+
+
+def _error_kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in _ALL_KINDS]
+    if not kinds or unknown:
+        raise argparse.ArgumentTypeError(f"unknown error kind {', '.join(unknown) or repr(text)} "
+                                         f"(kinds: {_ALL_KINDS_TEXT})")
+    return kinds
+
+
 def _resource(text: str) -> tuple[str, float]:
     name, sep, amount = text.partition("=")
     if not sep or not name:
@@ -92,9 +105,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="refuse files above N bytes as too_large (default: %(default)s)")
     run.add_argument("--read-retries", type=int, default=6, metavar="N",
                      help="retries of a transient storage error (503, SlowDown, timeout) per file (default: %(default)s)")
+    parser.add_argument("--retry-errors", type=_error_kinds, nargs="?", const=_ALL_KINDS, default=(), metavar="KIND,...",
+                        help="relabel the error rows of these kinds (all kinds when none is named) in an existing "
+                             "output, e.g. 'read' after a storage outage; each input keeps exactly one row. "
+                             f"Kinds: {_ALL_KINDS_TEXT}")
     run.add_argument("--progress-interval", type=_non_negative_float, default=10.0, metavar="SECONDS",
-                     help="seconds between progress lines (default: %(default)s)")
-    run.add_argument("--no-progress-bars", action="store_true", help="hide Ray Data's progress bars")
+                     help="seconds between progress lines, 0 for none (default: %(default)s)")
+    run.add_argument("--progress-bars", action="store_true", help="also show Ray Data's per-operator progress "
+                     "bars (many lines when the output is not a terminal)")
+    run.add_argument("--no-progress-bars", action="store_true", help=argparse.SUPPRESS)  # the default now
 
 
 def config_from_args(args: argparse.Namespace):
@@ -112,12 +131,13 @@ def config_from_args(args: argparse.Namespace):
         batch_size=args.batch_size, inference_size=args.inference_size,
         inference_max_size=args.inference_max_size, shard_size=args.shard_size, max_pixels=args.max_pixels,
         max_bytes=args.max_bytes, read_retries=args.read_retries, progress_interval_s=args.progress_interval,
-        progress_bars=not args.no_progress_bars,
+        progress_bars=args.progress_bars, retry_errors=tuple(args.retry_errors),
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run a labeling job; 0 when every input has a row, 1 when incomplete, 2 on a user error."""
+    """Run a labeling job; 0 when every input has a row, 1 when incomplete (e.g. stopped by a storage
+    fault: rerun), 2 on a user error."""
     from pipeline.label import LabelError, run_label
 
     try:
@@ -125,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
     except LabelError as exc:
         print(f"ebseg label: error: {exc}", file=sys.stderr)
         return 2
+    if summary.stopped:
+        print(f"ebseg label: error: {summary.stopped}", file=sys.stderr)
     return 0 if summary.complete else 1
 
 

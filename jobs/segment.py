@@ -71,6 +71,25 @@ def _decode(path: str):
         raise UsageError(f"cannot read image {path}: {e.strerror or e}") from None
 
 
+def _check_device(device: str) -> None:
+    """One line saying what was asked and what the machine has, instead of torch's driver traceback."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise UsageError(f"--device {device}: {e}") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise UsageError(f"--device {device} asks for a CUDA GPU, but this machine has none (torch sees 0 CUDA "
+                             f"devices; torch built for CUDA {torch.version.cuda or '(none: a CPU-only build)'}); "
+                             "use --device cpu or leave --device out")
+        if dev.index is not None and dev.index >= n:
+            raise UsageError(f"--device {device} asks for CUDA device {dev.index}, but this machine has {n} "
+                             f"(cuda:0 to cuda:{n - 1})")
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -81,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.checkpoint and not args.random_weights:
         raise UsageError("no --checkpoint given; pass the EBSeg weights (e.g. EBSeg_base.pth), or "
                          "--random-weights to try the tool with an untrained model")
+    if args.device:
+        _check_device(args.device)
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         raise UsageError(f"image not found: {', '.join(missing)}")

@@ -22,6 +22,7 @@ import datetime as _dt
 import hashlib
 import io
 import json
+import logging
 import os
 import time
 from collections import Counter, defaultdict
@@ -39,9 +40,12 @@ from pipeline.resources import actor_torch_threads, set_torch_threads
 from pipeline.listing import (
     DEFAULT_EXTENSIONS,
     InputError,
+    PLAN_DIR,
     InputSpec,
     Plan,
+    WriteError,
     backoff_delay,
+    is_credential_error,
     is_transient,
     build_plan,
     exists,
@@ -51,7 +55,9 @@ from pipeline.listing import (
     read_bytes,
     read_plan_shard,
     remove_tree,
+    retry_io,
     shard_name,
+    sweep_temp_files,
     table_to_parquet_bytes,
     write_bytes_atomic,
 )
@@ -61,6 +67,8 @@ JOB_MARKER = "_job.json"
 SUCCESS_MARKER = "_SUCCESS"
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 TEST_EXIT_ENV = "EBSEG_TEST_ACTOR_EXIT_AT_BATCH"  # TEST ONLY: "N:/path/marker" -> one actor exits on batch N
+# Status of an input that a storage fault left unread: passed along to count it, never written.
+STATUS_DEFERRED = "deferred"
 
 
 class LabelError(RuntimeError):
@@ -102,7 +110,8 @@ class LabelConfig:
     write_batch_size: int = 64
     actor_resources: dict[str, float] = field(default_factory=dict)
     progress_interval_s: float = 10.0
-    progress_bars: bool = True
+    progress_bars: bool = False
+    retry_errors: tuple[str, ...] = ()  # error kinds whose rows a rerun relabels ("--retry-errors read,model")
 
 
 @dataclass
@@ -121,6 +130,7 @@ class LabelSummary:
     complete: bool
     model_id: str = ""
     vocabulary_id: str = ""
+    stopped: str = ""  # why the run stopped early (a storage fault about the job, not a file); "" otherwise
 
     def lines(self) -> list[str]:
         errs = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors.items())) or "none"
@@ -138,16 +148,33 @@ class LabelSummary:
 # ---------------------------------------------------------------------------------------------
 
 class ReadError(Exception):
+    """Reading one file failed for a reason of that file: it becomes a ``read`` error row."""
+
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
+
+
+class StorageFault(Exception):
+    """Storage refused the job rather than one file (credentials expired or missing, throttling that
+    outlasts the retries): the input is left unlabeled and the job stops, so a rerun does it."""
+
+    def __init__(self, message: str, hint: str):
+        super().__init__(message, hint)
+        self.message = message
+        self.hint = hint
+
+
+_HINT_CREDENTIALS = "renew the storage credentials and rerun the same command"
+_HINT_UNAVAILABLE = "rerun the same command when the storage answers again"
 
 
 def read_with_retries(uri: str, retries: int = 6, base_delay: float = 0.2, max_bytes: int = DEFAULT_MAX_BYTES,
                       sleep: Callable[[float], None] = time.sleep) -> bytes:
     """Read a whole object, retrying transient errors with exponential backoff and jitter.
 
-    Raises ReadError for a permanent failure (missing, forbidden, or still failing after retries),
+    Raises ReadError for a failure of this file (missing, forbidden, not a file), StorageFault for
+    one of the job's access (expired/invalid/missing credentials, still failing after retries),
     DecodeError("too_large") for an object above ``max_bytes``.
     """
     last: BaseException | None = None
@@ -162,19 +189,24 @@ def read_with_retries(uri: str, retries: int = 6, base_delay: float = 0.2, max_b
             raise
         except FileNotFoundError:
             raise ReadError(f"not found: {uri}") from None
-        except PermissionError as exc:
-            raise ReadError(f"access denied: {uri} ({exc})") from None
         except IsADirectoryError:
             raise ReadError(f"is a directory: {uri}") from None
         except Exception as exc:  # noqa: BLE001 - classified below
+            if is_credential_error(exc):
+                raise StorageFault(f"storage refused the job's credentials reading {uri}: "
+                                   f"{type(exc).__name__}: {exc}", _HINT_CREDENTIALS) from None
+            if isinstance(exc, PermissionError):
+                raise ReadError(f"access denied: {uri} ({exc})") from None
             if "range is not satisfiable" in str(exc).lower() or "invalidrange" in str(exc).lower():
                 return b""  # a ranged GET of an empty object (S3 answers 416): the file is empty
             last = exc
-            if not is_transient(exc) or attempt == retries:
+            if not is_transient(exc):
                 break
+            if attempt == retries:
+                raise StorageFault(f"storage still failing after {retries} retries reading {uri}: "
+                                   f"{type(exc).__name__}: {exc}", _HINT_UNAVAILABLE) from None
             sleep(backoff_delay(attempt, base_delay))
-    kind = "after retries" if last is not None and is_transient(last) else "permanent"
-    raise ReadError(f"read failed ({kind}): {type(last).__name__}: {last}")
+    raise ReadError(f"read failed: {type(last).__name__}: {last}")
 
 
 def _read_decode_one(uri: str, max_pixels: int, max_bytes: int, retries: int) -> dict:
@@ -183,6 +215,8 @@ def _read_decode_one(uri: str, max_pixels: int, max_bytes: int, retries: int) ->
                            "height": None, "pixels": None, "source_bytes": None, "content_sha1": None}
     try:
         data = read_with_retries(uri, retries=retries, max_bytes=max_bytes)
+    except StorageFault as exc:
+        return _deferred_row(uri, exc.message, exc.hint)
     except ReadError as exc:
         row.update(status=S.STATUS_ERROR, error_kind="read", error=exc.message)
         return row
@@ -212,23 +246,54 @@ def read_shards(batch: pa.Table, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes
     Each work item names a plan shard (and, on resume, the URIs of it still to do). Reading happens
     here, in the cluster, never on the driver; a few threads overlap object-store latency.
     Yielding per chunk keeps a task's memory at ``chunk`` decoded images whatever the shard size.
+    After a storage fault (StorageFault) the task reads nothing more: its remaining inputs are
+    passed on as deferred rows, which the writer counts and does not write.
     """
+    fault: list[dict] = []  # the first deferred row of this task, once there is one
+
+    def one(uri: str) -> dict:
+        if fault:
+            return {**fault[0], "uri": uri}
+        row = _read_decode_one(uri, max_pixels, max_bytes, retries)
+        if row["status"] == STATUS_DEFERRED:
+            fault.append(row)
+        return row
+
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for shard, plan_url, only in zip(batch.column("shard").to_pylist(), batch.column("plan_url").to_pylist(),
                                          batch.column("only").to_pylist()):
+            try:
+                planned = read_plan_shard(plan_url)
+            except Exception as exc:  # noqa: BLE001 - the plan is storage too: stop, name it
+                hint = _HINT_CREDENTIALS if is_credential_error(exc) else _HINT_UNAVAILABLE
+                yield _decoded_table([shard], [plan_url], [_deferred_row(
+                    plan_url, f"cannot read the plan shard {plan_url}: {type(exc).__name__}: {exc}", hint)])
+                continue
             wanted = set(only) if only else None
-            uris = [u for u in read_plan_shard(plan_url) if wanted is None or u in wanted]
+            uris = [u for u in planned if wanted is None or u in wanted]
             for start in range(0, len(uris), chunk):
                 part = uris[start:start + chunk]
-                rows = list(pool.map(lambda u: _read_decode_one(u, max_pixels, max_bytes, retries), part))
+                rows = list(pool.map(one, part))
                 yield _decoded_table([shard] * len(part), part, rows)
 
 
-def _read_task_args() -> dict:
-    """Remote args of read tasks. Passing them as a function also stops Ray Data from fusing the
-    reads into the model actors (it fuses map stages with equal resources), which would make the
-    GPU wait on storage."""
-    return {"scheduling_strategy": "SPREAD"}
+def _deferred_row(uri: str, message: str, hint: str) -> dict:
+    """A row left unread by a storage fault; it carries the fault's message, and its hint in error_kind."""
+    return {"uri": uri, "status": STATUS_DEFERRED, "error_kind": hint, "error": message, "width": None,
+            "height": None, "pixels": None, "source_bytes": None, "content_sha1": None}
+
+
+READ_WORKER_MIB = 256  # a read worker's own memory (Python, pyarrow, Pillow, fsspec: ~120 MiB measured) with margin
+READ_IMAGE_MIB = 4  # per input of a chunk: a decoded RGB image of ~1.3 megapixels
+
+
+def read_task_args(chunk: int) -> dict:
+    """Ray remote args of the read tasks: a CPU, and a memory reservation for the worker and one chunk
+    of decoded images (Ray Data says at the end of a run when the reads used more). The reservation
+    also keeps the reads out of the model actors: Ray Data fuses adjacent map stages whose resources
+    are equal, and fused, the actor would read and decode between batches while the GPU waits. The
+    model stage never reserves memory this way."""
+    return {"num_cpus": 1.0, "memory": (READ_WORKER_MIB + chunk * READ_IMAGE_MIB) * 2**20}
 
 
 def _decoded_table(shards: list[int], uris: list[str], rows: list[dict]) -> pa.Table:
@@ -386,14 +451,25 @@ def fragment_name(uris: list[str]) -> str:
 
 
 def encode_and_write(batch: pa.Table, output: str, vocab: VocabInfo) -> pa.Table:
-    """Turn model outputs into label rows (PNG masks, class stats) and write one fragment per shard."""
+    """Turn model outputs into label rows (PNG masks, class stats) and write one fragment per shard.
+
+    Returns one summary row per shard for the driver. Deferred inputs (a storage fault) are counted,
+    not written; a fragment that cannot be written (full disk, no permission) is reported as a
+    fault, not raised, so the driver can stop the job with one line instead of a Ray traceback.
+    """
     d = batch.to_pydict()
     now = _dt.datetime.now(_dt.timezone.utc)
     label_dtype = np.uint8 if len(vocab.names) <= 256 else np.uint16
     by_shard: dict[int, list[dict]] = defaultdict(list)
+    deferred: Counter = Counter()
+    fault: dict[int, tuple[str, str]] = {}
     model_config = next((c for c in d["model_config"] if c), "{}")
     for i in range(batch.num_rows):
         uri, shard = d["uri"][i], d["shard"][i]
+        if d["status"][i] == STATUS_DEFERRED:
+            deferred[shard] += 1
+            fault.setdefault(shard, (d["error"][i], d["error_kind"][i]))
+            continue
         common = dict(model_id=d["model_id"][i] or "", vocabulary_id=vocab.id, labeled_at=now,
                       source_bytes=d["source_bytes"][i], content_sha1=d["content_sha1"][i])
         row = None
@@ -414,20 +490,39 @@ def encode_and_write(batch: pa.Table, output: str, vocab: VocabInfo) -> pa.Table
     except json.JSONDecodeError:
         model_meta = {"raw": model_config}
     schema = S.label_schema(vocab.names, vocab.synonyms, vocab.id, model=model_meta)
-    summary: dict[str, list] = {"shard": [], "rows": [], "ok": [], "error_kinds": [], "model_id": []}
-    for shard, rows in sorted(by_shard.items()):
-        table = S.rows_to_table(rows, schema=schema)
-        name = fragment_name([r["uri"] for r in rows])
-        write_bytes_atomic(join_url(output, PARTS_DIR, shard_name(shard), name), table_to_parquet_bytes(table))
+    summary: dict[str, list] = {"shard": [], "rows": [], "ok": [], "error_kinds": [], "model_id": [],
+                                "deferred": [], "fault": [], "fault_hint": []}
+    for shard in sorted(set(by_shard) | set(deferred)):
+        rows = by_shard.get(shard, [])
+        if rows:
+            table = S.rows_to_table(rows, schema=schema)
+            name = fragment_name([r["uri"] for r in rows])
+            try:
+                write_bytes_atomic(join_url(output, PARTS_DIR, shard_name(shard), name),
+                                   table_to_parquet_bytes(table))
+            except WriteError as exc:
+                hint = ("free space and rerun the same command" if "space" in exc.reason.lower()
+                        else "fix the output storage and rerun the same command")
+                deferred[shard] += len(rows)
+                fault.setdefault(shard, (str(exc), hint))
+                rows = []
         kinds = Counter(r["error_kind"] for r in rows if r["status"] != S.STATUS_OK)
+        message, hint = fault.get(shard, ("", ""))
         summary["shard"].append(shard)
         summary["rows"].append(len(rows))
         summary["ok"].append(sum(1 for r in rows if r["status"] == S.STATUS_OK))
         summary["error_kinds"].append(json.dumps(kinds))
-        summary["model_id"].append(rows[0]["model_id"])
-    return pa.table({"model_id": pa.array(summary["model_id"], pa.string()),"shard": pa.array(summary["shard"], pa.int32()), "rows": pa.array(summary["rows"], pa.int64()),
+        summary["model_id"].append(rows[0]["model_id"] if rows else "")
+        summary["deferred"].append(deferred[shard])
+        summary["fault"].append(message)
+        summary["fault_hint"].append(hint)
+    return pa.table({"shard": pa.array(summary["shard"], pa.int32()), "rows": pa.array(summary["rows"], pa.int64()),
                      "ok": pa.array(summary["ok"], pa.int64()),
-                     "error_kinds": pa.array(summary["error_kinds"], pa.string())})
+                     "error_kinds": pa.array(summary["error_kinds"], pa.string()),
+                     "model_id": pa.array(summary["model_id"], pa.string()),
+                     "deferred": pa.array(summary["deferred"], pa.int64()),
+                     "fault": pa.array(summary["fault"], pa.string()),
+                     "fault_hint": pa.array(summary["fault_hint"], pa.string())})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,14 +612,21 @@ def load_vocabulary(cfg: LabelConfig):
 def _ensure_ray(cfg: LabelConfig) -> None:
     import ray
 
+    if not cfg.progress_bars:
+        # Quiet by default: our own progress line replaces Ray Data's bars and its per-run INFO lines
+        # (plan, start, finish); its warnings still show.
+        # (Ray Data reconfigures its "ray.data" logger per run; these module loggers keep their level.)
+        logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled, to enable..."
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     else:  # embedded local Ray; logical CPUs > cores so actors never starve the read tasks
         cpus = os.cpu_count() or 2
-        ray.init(address="local", num_cpus=max(4, 2 * cpus), include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=max(4, 2 * cpus), include_dashboard=False, log_to_driver=True,
+                 logging_level=logging.WARNING)
 
 
 def _resources(cfg: LabelConfig) -> tuple[int, float, float]:
@@ -535,7 +637,8 @@ def _resources(cfg: LabelConfig) -> tuple[int, float, float]:
     cpus = float(res.get("CPU", 1))
     g = cfg.num_gpus_per_actor if cfg.num_gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
     if g > 0 and g > gpus:
-        raise LabelError(f"--num-gpus-per-actor {g} but the Ray cluster has {gpus:g} GPUs")
+        raise LabelError(f"--num-gpus-per-actor {g:g} asks for {g:g} GPU per model actor, but the Ray cluster has "
+                         f"{gpus:g} GPUs ({cpus:g} CPUs); leave the flag out to label on CPU")
     n = cfg.num_actors or (max(1, int(gpus // g)) if g > 0 else 1)
     if cfg.num_cpus_per_actor is not None:
         c = cfg.num_cpus_per_actor
@@ -546,19 +649,87 @@ def _resources(cfg: LabelConfig) -> tuple[int, float, float]:
     return n, g, c
 
 
-def _check_job_identity(cfg: LabelConfig, vocab, plan: Plan) -> None:
-    """Refuse to mix labels of different vocabularies/models in one output."""
-    ident = {"vocabulary_id": vocab.id, "preset": cfg.preset, "checkpoint": cfg.checkpoint,
-             "random_weights": cfg.random_weights, "inference_size": cfg.inference_size,
-             "inference_max_size": cfg.inference_max_size}
+def _job_identity(cfg: LabelConfig, vocab, checkpoint: str | None) -> dict:
+    """What must be equal for two runs to share an output: vocabulary, model and its weights by content."""
+    from ebseg_core.checkpoint import weights_digest
+
+    try:
+        weights = weights_digest(checkpoint) if checkpoint else "random"
+    except (OSError, ValueError) as exc:
+        raise LabelError(f"cannot read checkpoint {checkpoint}: {exc}") from None
+    return {"vocabulary_id": vocab.id, "preset": cfg.preset, "weights_sha256": weights,
+            "inference_size": cfg.inference_size, "inference_max_size": cfg.inference_max_size}
+
+
+def _check_job_identity(cfg: LabelConfig, ident: dict, labeled_any: bool, log: Callable[[str], None]) -> None:
+    """Refuse to mix labels of different vocabularies/models in one output.
+
+    An output whose earlier run labeled nothing (it failed at start, e.g. a checkpoint that does
+    not fit the preset) is taken over by this run: there is nothing to mix.
+    """
     url = join_url(cfg.output, JOB_MARKER)
     if exists(url):
         old = json.loads(read_bytes(url))
-        if old != ident:
+        if old == ident:
+            return
+        if "weights_sha256" not in old and _same_legacy_job(old, ident, cfg.checkpoint):
+            log(f"[label] {JOB_MARKER} of an earlier version: the weights are now recorded by content")
+        elif labeled_any:
             raise LabelError(f"{cfg.output} holds labels of another job ({old}); this run is {ident}. "
                              "Write to a new --output to label with a different vocabulary or model.")
-        return
+        else:
+            log(f"[label] {cfg.output} was started by a job that labeled nothing ({old}); this run replaces it")
     write_bytes_atomic(url, json.dumps(ident).encode())
+
+
+def _same_legacy_job(old: dict, ident: dict, checkpoint: str | None) -> bool:
+    """A ``_job.json`` written before weights were identified by content matches when it names the
+    same checkpoint path and everything else is equal (all it could tell); it then gets the content
+    identity."""
+    keys = ("vocabulary_id", "preset", "inference_size", "inference_max_size")
+    return all(old.get(k) == ident[k] for k in keys) and old.get("checkpoint") == checkpoint
+
+
+def reopen_error_rows(output: str, plan: Plan, kinds: set[str]) -> int:
+    """Make the error rows of ``kinds`` unlabeled again, so that this run labels
+    those inputs once more; returns how many. Rows kept from a final file move to a fragment of
+    their shard first, then the final file goes: a crash in between leaves the final file (the
+    next rerun removes the fragment), so every input stays exactly once."""
+    reopened = 0
+
+    def matching(table: pa.Table) -> list[bool]:
+        return [st == S.STATUS_ERROR and k in kinds
+                for st, k in zip(table.column("status").to_pylist(), table.column("error_kind").to_pylist())]
+
+    def keep(url: str, shard: int) -> int:
+        """Rewrite the rows of ``url`` that stay into a fragment of ``shard``; 0 when none match."""
+        if not any(matching(_read_parquet_url(url, ["status", "error_kind"]))):
+            return 0
+        table = _read_parquet_url(url)
+        drop = matching(table)
+        kept = table.filter(pa.array([not x for x in drop]))
+        if kept.num_rows:
+            name = fragment_name(kept.column("uri").to_pylist())
+            write_bytes_atomic(join_url(output, PARTS_DIR, shard_name(shard), name), table_to_parquet_bytes(kept))
+        return sum(drop)
+
+    finals = set(list_dir(output))
+    part_dirs = set(list_dir(join_url(output, PARTS_DIR)))
+    for s in range(plan.num_shards):
+        final = join_url(output, final_name(s))
+        if final_name(s) in finals:
+            n = keep(final, s)
+            if n:
+                remove_tree(join_url(output, SUCCESS_MARKER))
+                remove_tree(final)
+                reopened += n
+        elif shard_name(s) in part_dirs:
+            for url in _fragment_urls(output, s):
+                n = keep(url, s)
+                if n:
+                    remove_tree(url)
+                    reopened += n
+    return reopened
 
 
 def _check_checkpoint(cfg: LabelConfig) -> None:
@@ -579,13 +750,71 @@ def _check_checkpoint(cfg: LabelConfig) -> None:
         raise LabelError(f"checkpoint {cfg.checkpoint} does not exist")
 
 
-def run_label(cfg: LabelConfig, log: Callable[[str], None] = print) -> LabelSummary:
-    """Label every input of ``cfg`` into ``cfg.output``; resumable: rerun the same call after a crash."""
-    import ray
+def _probe_input(uris: list[str]) -> None:
+    """Read one byte of the first few inputs on the driver, before Ray starts: a job that cannot read
+    its input at all (credentials expired or missing, access denied on the whole prefix) stops here
+    with one line. Any other outcome is a file's own business, found again by the job."""
+    denied = []
+    for uri in uris:
+        try:
+            fs, path = fs_and_path(uri)
+            retry_io(fs.cat_file, path, start=0, end=1)
+            return
+        except Exception as exc:  # noqa: BLE001 - classified
+            if is_credential_error(exc):
+                raise LabelError(f"storage refused the job's credentials reading {uri}: {type(exc).__name__}: "
+                                 f"{exc}; {_HINT_CREDENTIALS}") from None
+            if not isinstance(exc, PermissionError):
+                return
+            denied.append(f"{uri} ({exc})")
+    if denied:
+        raise LabelError(f"access denied reading the first {len(denied)} inputs, e.g. {denied[0]}: "
+                         "check the permissions of the job's credentials on the input")
 
+
+class _Progress:
+    """Prints a progress line every ``interval`` seconds from a thread, whether or not batches arrive."""
+
+    def __init__(self, log: Callable[[str], None], interval: float, total: int, skipped: int, todo: int):
+        import threading
+
+        self.log, self.interval, self.total, self.skipped, self.todo = log, interval, total, skipped, todo
+        self.processed = self.ok = self.errors = 0
+        self.t0 = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="label-progress", daemon=True)
+
+    def __enter__(self) -> "_Progress":
+        if self.interval > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            done = self.processed + self.skipped
+            rate = self.processed / max(time.time() - self.t0, 1e-9)
+            eta = f"{(self.todo - self.processed) / rate:.0f} s" if rate > 0 else "-"
+            self.log(f"[label] {done:,}/{self.total:,} images ({100 * done / max(self.total, 1):.1f}%) | "
+                     f"{rate:.2f} img/s | ok {self.ok:,} errors {self.errors:,} | ETA {eta}")
+
+
+def run_label(cfg: LabelConfig, log: Callable[[str], None] = print) -> LabelSummary:
+    """Label every input of ``cfg`` into ``cfg.output``; resumable: rerun the same call after a crash.
+
+    Everything that can be decided without the cluster (flags, vocabulary, checkpoint, plan, what is
+    left to do, whether the input is readable) is decided before Ray starts; a rerun with nothing
+    left to do never starts it.
+    """
     t_start = time.time()
     if cfg.batch_size <= 0:
         raise LabelError("--batch-size must be positive")
+    unknown = sorted(set(cfg.retry_errors) - set(S.ERROR_KINDS))
+    if unknown:
+        raise LabelError(f"--retry-errors: unknown error kind {', '.join(unknown)} "
+                         f"(kinds: {', '.join(S.ERROR_KINDS)})")
     _check_checkpoint(cfg)
     vocab = load_vocabulary(cfg)
     mspec = ModelSpec(preset=cfg.preset, checkpoint=cfg.checkpoint, batch_size=cfg.batch_size,
@@ -602,16 +831,26 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print) -> LabelSumm
         spec = InputSpec(input=cfg.input, manifest=cfg.manifest, extensions=cfg.extensions, glob=cfg.glob)
     except InputError as exc:
         raise LabelError(str(exc)) from None
+    ident = _job_identity(cfg, vocab, mspec.checkpoint)
     log(f"[label] listing {cfg.input or cfg.manifest} into a shard plan under {join_url(cfg.output, '_plan')} ...")
     try:
+        swept = sweep_temp_files(cfg.output, [PARTS_DIR, PLAN_DIR])
+        if swept:
+            log(f"[label] removed {swept} temp file(s) left by an interrupted run")
         plan = build_plan(spec, cfg.output, shard_size=cfg.shard_size, progress=log)
-        _check_job_identity(cfg, vocab, plan)
-    except InputError as exc:
+        labeled_any = (any(n.startswith("labels-") for n in list_dir(cfg.output))
+                       or any(_fragment_urls(cfg.output, int(d.split("-")[1]))
+                              for d in list_dir(join_url(cfg.output, PARTS_DIR)) if d.startswith("shard-")))
+        _check_job_identity(cfg, ident, labeled_any, log)
+        if cfg.retry_errors:
+            n = reopen_error_rows(cfg.output, plan, set(cfg.retry_errors))
+            log(f"[label] --retry-errors {','.join(cfg.retry_errors)}: {n:,} error rows to label again")
+    except (InputError, LabelError) as exc:
         raise LabelError(str(exc)) from None
-    except LabelError:
-        raise
+    except WriteError as exc:
+        raise LabelError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - storage unreachable, bucket missing, no permission
-        raise LabelError(f"cannot write the plan to {cfg.output}: {type(exc).__name__}: {exc}") from None
+        raise LabelError(f"cannot use the output {cfg.output}: {type(exc).__name__}: {exc}") from None
     log(f"[label] plan: {plan.total:,} inputs in {plan.num_shards} shards of up to {plan.shard_size}")
 
     # Resume: which shards are final, which are partly in fragments.
@@ -644,8 +883,46 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print) -> LabelSumm
         log(f"[label] resuming: {len(done_shards)} shards already written, {skipped:,} inputs already labeled, "
             f"{todo:,} to go")
 
+    ok = processed = 0
+    model_id = stopped = ""
+    errors: Counter = Counter()
+    if items:
+        _probe_input(items[0]["only"][:3] or read_plan_shard(items[0]["plan_url"])[:3])
+        processed, ok, errors, model_id, stopped = _label_items(cfg, mspec, vocab, plan, items, expected, to_compact,
+                                                                 skipped, todo, log)
+    else:  # nothing to label: finish any complete-but-unmerged shards here, without a cluster
+        for s in to_compact:
+            compact_shard(cfg.output, s, plan.shard_url(s))
+
+    finals = {n for n in list_dir(cfg.output) if n.startswith("labels-") and n.endswith(".parquet")}
+    complete = all(final_name(s) in finals for s in range(plan.num_shards))
+    seconds = time.time() - t_start
+    if stopped:
+        stopped = stopped.format(labeled=f"{skipped + processed:,}", total=f"{plan.total:,}")
+    summary = LabelSummary(output=cfg.output, inputs_total=plan.total, shards_total=plan.num_shards,
+                           inputs_skipped=skipped, processed=processed, ok=ok, errors=dict(errors),
+                           seconds=seconds, images_per_s=processed / seconds if seconds > 0 else 0.0,
+                           complete=complete, model_id=model_id, vocabulary_id=vocab.id, stopped=stopped)
+    if complete:
+        if not list_dir(join_url(cfg.output, PARTS_DIR)):
+            remove_tree(join_url(cfg.output, PARTS_DIR))
+        write_bytes_atomic(join_url(cfg.output, SUCCESS_MARKER), json.dumps(dataclasses.asdict(summary)).encode())
+    for line in summary.lines():
+        log(line)
+    return summary
+
+
+def _label_items(cfg: LabelConfig, mspec: ModelSpec, vocab, plan: Plan, items: list[dict], expected: dict[int, int],
+                 to_compact: list[int], skipped: int, todo: int, log: Callable[[str], None]):
+    """Run the Ray Data pipeline over the work items; (processed, ok, errors, model_id, stopped).
+
+    ``stopped`` is a one-line reason (with ``{labeled}``/``{total}`` fields) when a storage fault
+    about the job, not a file, stopped it: the inputs it left are unlabeled, for the rerun.
+    """
+    import ray
+
     _ensure_ray(cfg)
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
@@ -662,68 +939,56 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print) -> LabelSumm
     test_exit = os.environ.get(TEST_EXIT_ENV) or None  # TEST ONLY
     compact = ray.remote(num_cpus=0.25, max_retries=3)(compact_shard)
     pending_compactions: list = [compact.remote(cfg.output, s, plan.shard_url(s)) for s in to_compact]
-
-    ok = 0
-    model_id = ""
+    log(f"[label] {n_actors} model actor(s) x ({gpus:g} GPU, {cpus:g} CPU), batch size {cfg.batch_size}, "
+        f"model {cfg.preset}{' (random weights)' if cfg.random_weights else ''}, {len(vinfo.names)} classes")
+    ds = build_dataset(cfg, items, mspec, vocab, vinfo, n_actors, gpus, cpus, test_exit)
+    ok = processed = 0
+    model_id = stopped = ""
     errors: Counter = Counter()
-    processed = 0
-    if items:
-        log(f"[label] {n_actors} model actor(s) x ({gpus:g} GPU, {cpus:g} CPU), batch size {cfg.batch_size}, "
-            f"model {cfg.preset}{' (random weights)' if cfg.random_weights else ''}, {len(vinfo.names)} classes")
-        ds = ray.data.from_items(items, override_num_blocks=min(len(items), 10_000))
-        ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow",
-                            fn_kwargs={"max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
-                                       "retries": cfg.read_retries, "threads": cfg.read_threads,
-                                       "chunk": cfg.read_batch_size},
-                            num_cpus=1.0, ray_remote_args_fn=_read_task_args)
-        # Fault tolerance of the actor pool: Ray Data creates its actors with max_restarts=-1 and
-        # max_task_retries=-1 (ray/data/_internal/execution/operators/actor_pool_map_operator.py),
-        # so a dead actor is restarted and its in-flight batch re-run; we rely on those defaults
-        # (passing them again is deprecated in Ray 2.60).
-        ds = ds.map_batches(Labeler, fn_constructor_kwargs={"spec": mspec, "vocabulary": vocab, "test_exit": test_exit},
-                            batch_size=cfg.batch_size, batch_format="pyarrow",
-                            compute=ActorPoolStrategy(size=n_actors), num_gpus=gpus, num_cpus=cpus,
-                            resources=dict(cfg.actor_resources) or None)
-        ds = ds.map_batches(encode_and_write, batch_size=cfg.write_batch_size, batch_format="pyarrow",
-                            fn_kwargs={"output": cfg.output, "vocab": vinfo}, num_cpus=0.5)
-        got: dict[int, int] = defaultdict(int)
-        compacting: set[int] = set()
-        t_run = time.time()
-        last = t_run
+    got: dict[int, int] = defaultdict(int)
+    compacting: set[int] = set()
+    with _Progress(log, cfg.progress_interval_s, plan.total, skipped, todo) as progress:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for s, rows, n_ok, kinds, mid in zip(
-                    batch.column("shard").to_pylist(), batch.column("rows").to_pylist(), batch.column("ok").to_pylist(),
-                    batch.column("error_kinds").to_pylist(), batch.column("model_id").to_pylist()):
-                got[s] += rows
-                processed += rows
-                ok += n_ok
-                errors.update(json.loads(kinds))
-                model_id = model_id or mid
-                if got[s] >= expected.get(s, 0) and s not in compacting:
+            for row in batch.to_pylist():
+                s = row["shard"]
+                got[s] += row["rows"]
+                processed += row["rows"]
+                ok += row["ok"]
+                errors.update(json.loads(row["error_kinds"]))
+                model_id = model_id or row["model_id"]
+                if row["fault"] and not stopped:
+                    stopped = f"{row['fault']} ({{labeled}} of {{total}} images are labeled; {row['fault_hint']})"
+                if got[s] >= expected.get(s, 0) and s not in compacting and not row["deferred"]:
                     compacting.add(s)
                     pending_compactions.append(compact.remote(cfg.output, s, plan.shard_url(s)))
-            now = time.time()
-            if now - last >= cfg.progress_interval_s:
-                last = now
-                rate = processed / max(now - t_run, 1e-9)
-                eta = (todo - processed) / rate if rate > 0 else float("inf")
-                log(f"[label] {processed + skipped:,}/{plan.total:,} images ({100 * (processed + skipped) / plan.total:.1f}%)"
-                    f" | {rate:.2f} img/s | ok {ok:,} errors {sum(errors.values()):,} | ETA {eta:.0f} s")
+            progress.processed, progress.ok, progress.errors = processed, ok, sum(errors.values())
+            if stopped:
+                break  # stop reading and labeling: everything left is for the rerun
             if len(pending_compactions) > 32:
                 _, pending_compactions = ray.wait(pending_compactions, num_returns=len(pending_compactions) - 16)
     ray.get(pending_compactions)
+    return processed, ok, errors, model_id, stopped
 
-    finals = {n for n in list_dir(cfg.output) if n.startswith("labels-") and n.endswith(".parquet")}
-    complete = all(final_name(s) in finals for s in range(plan.num_shards))
-    seconds = time.time() - t_start
-    summary = LabelSummary(output=cfg.output, inputs_total=plan.total, shards_total=plan.num_shards,
-                           inputs_skipped=skipped, processed=processed, ok=ok, errors=dict(errors),
-                           seconds=seconds, images_per_s=processed / seconds if seconds > 0 else 0.0,
-                           complete=complete, model_id=model_id, vocabulary_id=vocab.id)
-    if complete:
-        if not list_dir(join_url(cfg.output, PARTS_DIR)):
-            remove_tree(join_url(cfg.output, PARTS_DIR))
-        write_bytes_atomic(join_url(cfg.output, SUCCESS_MARKER), json.dumps(dataclasses.asdict(summary)).encode())
-    for line in summary.lines():
-        log(line)
-    return summary
+
+def build_dataset(cfg: LabelConfig, items: list[dict], mspec: ModelSpec, vocab, vinfo: VocabInfo, n_actors: int,
+                  gpus: float, cpus: float, test_exit: str | None = None):
+    """The Ray Data pipeline: plan shards -> read + decode (tasks) -> EBSeg (actor pool) -> encode + write (tasks)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 10_000))
+    ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow",
+                        fn_kwargs={"max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
+                                   "retries": cfg.read_retries, "threads": cfg.read_threads,
+                                   "chunk": cfg.read_batch_size},
+                        **read_task_args(cfg.read_batch_size))
+    # Fault tolerance of the actor pool: Ray Data creates its actors with max_restarts=-1 and
+    # max_task_retries=-1 (ray/data/_internal/execution/operators/actor_pool_map_operator.py),
+    # so a dead actor is restarted and its in-flight batch re-run; we rely on those defaults
+    # (passing them again is deprecated in Ray 2.60).
+    ds = ds.map_batches(Labeler, fn_constructor_kwargs={"spec": mspec, "vocabulary": vocab, "test_exit": test_exit},
+                        batch_size=cfg.batch_size, batch_format="pyarrow",
+                        compute=ActorPoolStrategy(size=n_actors), num_gpus=gpus, num_cpus=cpus,
+                        resources=dict(cfg.actor_resources) or None)
+    return ds.map_batches(encode_and_write, batch_size=cfg.write_batch_size, batch_format="pyarrow",
+                          fn_kwargs={"output": cfg.output, "vocab": vinfo}, num_cpus=0.5)

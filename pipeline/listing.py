@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import heapq
 import io
 import json
 import os
 import posixpath
 import random
+import tempfile
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence, TypeVar
 
@@ -64,6 +65,36 @@ def is_transient(exc: BaseException) -> bool:
     return any(m in text for m in _TRANSIENT_MARKERS)
 
 
+# Errors about the job's access to storage rather than about one file: every other read of the job
+# would fail the same way, so they stop the job (inputs left unlabeled for the rerun), never become rows.
+_CREDENTIAL_MARKERS = (
+    "expiredtoken", "token has expired", "tokenrefreshrequired", "invalidtoken", "invalidaccesskeyid",
+    "signaturedoesnotmatch", "security token included in the request is invalid", "requestexpired",
+    "nocredentialserror", "unable to locate credentials", "partialcredentialserror", "credentialretrievalerror",
+)
+
+
+def _error_text(exc: BaseException) -> str:
+    """Type names, messages and S3 error codes of an exception and its causes, lower-cased."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        parts.append(f"{type(cur).__name__} {cur}")
+        code = (getattr(cur, "response", None) or {}).get("Error", {}).get("Code")
+        if code:
+            parts.append(str(code))
+        cur = cur.__cause__ or cur.__context__
+    return " ".join(parts).lower()
+
+
+def is_credential_error(exc: BaseException) -> bool:
+    """Expired, invalid or missing credentials: a fault of the job's access, not of the file read."""
+    text = _error_text(exc)
+    return any(m in text for m in _CREDENTIAL_MARKERS)
+
+
 def backoff_delay(attempt: int, base: float = 0.2, cap: float = 10.0) -> float:
     """Exponential backoff with jitter: ~base * 2^attempt, at most cap seconds."""
     return min(base * (2 ** attempt), cap) * (0.5 + random.random())
@@ -100,30 +131,65 @@ def join_url(base: str, *parts: str) -> str:
     return out
 
 
+class WriteError(Exception):
+    """Writing ``url`` failed for a reason a retry does not fix (full disk, no permission, read-only store)."""
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(url, reason)
+        self.url = url
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot write {self.url}: {self.reason}"
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
-    """Write a whole object so that readers see all of it or nothing (transient errors retried)."""
-    retry_io(_write_bytes_atomic, url, data)
+    """Write a whole object so that readers see all of it or nothing (pipeline.storage.atomic_write_bytes).
 
-
-def _write_bytes_atomic(url: str, data: bytes) -> None:
-    """Write a whole object so that readers see all of it or nothing.
-
-    Local files: written to a hidden temp name in the same directory, fsynced, then renamed.
-    Object stores (S3, GCS, ...): a single PUT is atomic, so the object appears only when complete.
+    Transient errors are retried; anything else raises WriteError naming the file, and a local temp
+    file is removed on the way out (a full disk leaves no litter).
     """
-    if is_local(url):
-        path = url[len("file://"):] if url.startswith("file://") else url
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
-        tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return
-    fs, path = fs_and_path(url)
-    fs.pipe_file(path, data)
+    from pipeline.storage import atomic_write_bytes
+
+    try:
+        retry_io(atomic_write_bytes, url, data)
+    except Exception as exc:  # noqa: BLE001 - every failure of a write is reported as that write's
+        raise WriteError(url, _reason(exc)) from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The short cause of an I/O error: 'No space left on device' rather than '[Errno 28] ...: path'."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return f"{type(exc).__name__}: {exc}"
+
+
+def is_temp_name(name: str) -> bool:
+    """Hidden temp files of an interrupted local write (pipeline.storage.atomic_write_bytes, and older '.tmp-*')."""
+    return name.startswith(".") and (name.endswith(".tmp") or name.startswith(".tmp-"))
+
+
+def sweep_temp_files(output: str, subdirs: Sequence[str] = ()) -> int:
+    """Remove temp files that a killed writer left in a local output (root and ``subdirs``, one level
+    below each); object stores write with one PUT and have none. Returns how many were removed."""
+    if not is_local(output):
+        return 0
+    root = output[len("file://"):] if output.startswith("file://") else output
+    dirs = [root]
+    for sub in subdirs:
+        d = os.path.join(root, sub)
+        dirs.append(d)
+        if os.path.isdir(d):
+            dirs.extend(os.path.join(d, n) for n in sorted(os.listdir(d)) if os.path.isdir(os.path.join(d, n)))
+    removed = 0
+    for d in dirs:
+        if not os.path.isdir(d):
+            continue
+        for name in os.listdir(d):
+            if is_temp_name(name) and os.path.isfile(os.path.join(d, name)):
+                os.unlink(os.path.join(d, name))
+                removed += 1
+    return removed
 
 
 def read_bytes(url: str) -> bytes:
@@ -276,6 +342,103 @@ def iter_inputs(spec: InputSpec) -> Iterator[str]:
     yield from iter_prefix(spec.input, spec.extensions, spec.glob)
 
 
+DEDUP_BUCKETS = 256
+
+
+def unique_in_order(uris: Iterator[str], workdir: str, buckets: int = DEDUP_BUCKETS,
+                    flush_at: int = 1024) -> Iterator[str]:
+    """``uris`` without repeats, each at its first position, holding about 1/``buckets`` of them in memory.
+
+    Why not a set: a manifest can list hundreds of millions of URIs. Hashed buckets on local disk
+    instead (linear I/O, no sort): pass 1 spools the URIs in order to one file and ``(position, uri)``
+    to the bucket of ``hash(uri)``, so every copy of a URI lands in the same bucket; pass 2 finds the
+    positions of repeats bucket by bucket (one bucket's URIs in a set); pass 3 streams the spool and
+    skips those positions (a merge of the buckets' sorted position lists). Disk: about twice the URI
+    bytes, under ``workdir``. A failing local write raises WriteError naming the file.
+    """
+    pos_type = pa.int64()
+    schema = pa.schema([("pos", pos_type), ("uri", pa.string())])
+
+    def opened(path: str, sch: pa.Schema):
+        try:
+            return pa.ipc.new_stream(path, sch)
+        except OSError as exc:
+            raise WriteError(path, _reason(exc)) from exc
+
+    def write(writer, path: str, batch: pa.RecordBatch) -> None:
+        try:
+            writer.write_batch(batch)
+        except OSError as exc:
+            raise WriteError(path, _reason(exc)) from exc
+
+    spool_path = os.path.join(workdir, "spool.arrows")
+    bucket_paths = [os.path.join(workdir, f"bucket-{b:04d}.arrows") for b in range(buckets)]
+    spool = opened(spool_path, pa.schema([("uri", pa.string())]))
+    writers = [opened(p, schema) for p in bucket_paths]
+    pending: list[tuple[list[int], list[str]]] = [([], []) for _ in range(buckets)]
+    in_order: list[str] = []
+
+    def flush_bucket(b: int) -> None:
+        pos, names = pending[b]
+        if pos:
+            write(writers[b], bucket_paths[b], pa.record_batch([pa.array(pos, pos_type), pa.array(names)], schema=schema))
+            pos.clear()
+            names.clear()
+
+    def flush_spool() -> None:
+        if in_order:
+            write(spool, spool_path, pa.record_batch([pa.array(in_order, pa.string())], names=["uri"]))
+            in_order.clear()
+
+    for pos, uri in enumerate(uris):
+        b = hash(uri) % buckets
+        pending[b][0].append(pos)
+        pending[b][1].append(uri)
+        if len(pending[b][0]) >= flush_at:
+            flush_bucket(b)
+        in_order.append(uri)
+        if len(in_order) >= 8192:
+            flush_spool()
+    flush_spool()
+    spool.close()
+    repeats: list[str] = []
+    for b in range(buckets):
+        flush_bucket(b)
+        writers[b].close()
+        seen: set[str] = set()
+        dups: list[int] = []
+        with pa.ipc.open_stream(bucket_paths[b]) as reader:
+            for batch in reader:
+                for pos, uri in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                    if uri in seen:
+                        dups.append(pos)  # positions arrive in order: the list stays sorted
+                    else:
+                        seen.add(uri)
+        os.unlink(bucket_paths[b])
+        if dups:
+            path = os.path.join(workdir, f"repeats-{b:04d}.arrows")
+            with opened(path, pa.schema([("pos", pos_type)])) as w:
+                write(w, path, pa.record_batch([pa.array(dups, pos_type)], names=["pos"]))
+            repeats.append(path)
+
+    def positions(path: str) -> Iterator[int]:
+        with pa.ipc.open_stream(path) as reader:
+            for batch in reader:
+                yield from batch.column(0).to_pylist()
+
+    skip = heapq.merge(*(positions(p) for p in repeats))
+    next_skip = next(skip, None)
+    pos = 0
+    with pa.ipc.open_stream(spool_path) as reader:
+        for batch in reader:
+            for uri in batch.column(0).to_pylist():
+                if pos == next_skip:
+                    next_skip = next(skip, None)
+                else:
+                    yield uri
+                pos += 1
+
+
 # ---------------------------------------------------------------------------------------------
 # The shard plan
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +503,6 @@ def build_plan(spec: InputSpec, output: str, shard_size: int = 1000,
     remove_tree(join_url(output, PLAN_DIR))
     counts: list[int] = []
     chunk: list[str] = []
-    seen: set[str] = set()
     total = 0
 
     def flush() -> None:
@@ -349,20 +511,19 @@ def build_plan(spec: InputSpec, output: str, shard_size: int = 1000,
                            table_to_parquet_bytes(table))
         counts.append(len(chunk))
         chunk.clear()
-        seen.clear()
 
+    # A listing of a prefix holds every key once; a manifest may repeat a URI anywhere in it.
+    workdir = tempfile.TemporaryDirectory(prefix="ebseg-plan-") if spec.manifest else None
     try:
-        for uri in iter_inputs(spec):
-            if uri in seen:  # a manifest listing the same URI twice within a shard: label it once
-                continue
-            seen.add(uri)
+        inputs = unique_in_order(iter_inputs(spec), workdir.name) if workdir else iter_inputs(spec)
+        for uri in inputs:
             chunk.append(uri)
             total += 1
             if len(chunk) == shard_size:
                 flush()
             if progress and total % progress_every == 0:
                 progress(f"[label] listed {total:,} inputs ({len(counts)} plan shards written)")
-    except InputError:
+    except (InputError, WriteError):
         raise
     except FileNotFoundError as exc:
         raise InputError(f"input {spec.input or spec.manifest} does not exist ({exc})") from None
@@ -370,6 +531,9 @@ def build_plan(spec: InputSpec, output: str, shard_size: int = 1000,
         raise InputError(f"input {spec.input or spec.manifest} is not readable: {exc}") from None
     except OSError as exc:
         raise InputError(f"cannot list {spec.input or spec.manifest}: {exc}") from None
+    finally:
+        if workdir is not None:
+            workdir.cleanup()
     if chunk:
         flush()
     if total == 0:

@@ -1,7 +1,8 @@
-"""A loopback HTTP proxy in front of an S3 endpoint (moto) that answers some GETs with 503 SlowDown.
+"""A loopback HTTP proxy in front of an S3 endpoint (moto) that answers some GETs with an S3 error.
 
 Why: transient throttling is the most common object-store failure in a long labeling job; the
-pipeline must retry it, not turn it into error rows or a crash. Point a client's endpoint_url
+pipeline must retry it, not turn it into error rows or a crash. ``error="expired_token"`` plays a
+credential outage instead (every matching GET refused until ``heal()``), which must stop the job. Point a client's endpoint_url
 (or AWS_ENDPOINT_URL) at ``proxy.url``; requests are forwarded to the real endpoint unchanged
 (path-style S3, so the Host header does not matter to moto).
 
@@ -20,19 +21,33 @@ from urllib.parse import urlparse
 
 SLOW_DOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                   b"<Message>Please reduce your request rate.</Message><RequestId>flaky</RequestId></Error>")
+EXPIRED_TOKEN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>ExpiredToken</Code>'
+                      b"<Message>The provided token has expired.</Message><RequestId>flaky</RequestId></Error>")
+# error name -> (HTTP status, reason, body), as S3 answers them
+ERRORS = {"slow_down": (503, "Slow Down", SLOW_DOWN_BODY), "expired_token": (400, "Bad Request", EXPIRED_TOKEN_BODY)}
 _HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "trailer"}
 
 
 class FlakyProxy:
-    """Forwarding proxy; ``fail_fraction`` of GET requests (object reads) get ``503 SlowDown``."""
+    """Forwarding proxy; ``fail_fraction`` of GET requests (object reads) get an S3 error.
+
+    ``error``: a key of ERRORS. ``path_contains``: only requests whose path holds this text can fail.
+    ``pass_first``: that many matching requests go through before any fails. ``repeat``: a path may
+    fail again right after failing (an outage, not a blip).
+    """
 
     def __init__(self, upstream: str, fail_fraction: float = 0.3, max_failures: int = 200,
-                 lifetime_s: float = 600.0, seed: int = 0, only_get: bool = True):
+                 lifetime_s: float = 600.0, seed: int = 0, only_get: bool = True, error: str = "slow_down",
+                 path_contains: str | None = None, pass_first: int = 0, repeat: bool = False):
         up = urlparse(upstream)
         self.upstream_host, self.upstream_port = up.hostname, up.port or 80
         self.fail_fraction = fail_fraction
         self.max_failures = max_failures
         self.only_get = only_get
+        self.error = ERRORS[error]
+        self.path_contains = path_contains
+        self.pass_first = pass_first
+        self.repeat = repeat
         self.injected = 0
         self.forwarded = 0
         self._rng = random.Random(seed)
@@ -50,12 +65,13 @@ class FlakyProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 if proxy._should_fail(self.command, self.path):
-                    self.send_response(503, "Slow Down")
+                    status, reason, error_body = proxy.error
+                    self.send_response(status, reason)
                     self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(SLOW_DOWN_BODY)))
+                    self.send_header("Content-Length", str(len(error_body)))
                     self.end_headers()
                     if self.command != "HEAD":
-                        self.wfile.write(SLOW_DOWN_BODY)
+                        self.wfile.write(error_body)
                     return
                 conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
                 try:
@@ -91,8 +107,13 @@ class FlakyProxy:
     def _should_fail(self, method: str, path: str) -> bool:
         if self.only_get and method != "GET":
             return False
+        if self.path_contains is not None and self.path_contains not in path:
+            return False
         with self._lock:
-            if path in self._last_failed:  # never twice in a row for one path
+            if self.pass_first > 0:
+                self.pass_first -= 1
+                return False
+            if path in self._last_failed and not self.repeat:  # never twice in a row for one path
                 self._last_failed.discard(path)
                 return False
             if self.injected >= self.max_failures or self._rng.random() >= self.fail_fraction:
@@ -100,6 +121,11 @@ class FlakyProxy:
             self.injected += 1
             self._last_failed.add(path)
             return True
+
+    def heal(self) -> None:
+        """End the outage: forward every request from now on."""
+        with self._lock:
+            self.max_failures = self.injected
 
     def start(self) -> "FlakyProxy":
         self._started = True

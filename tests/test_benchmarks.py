@@ -123,6 +123,15 @@ def test_list_pairs_local_sorted_and_voc_intersection(tmp_path):
     assert len(list_pairs("voc20", str(tmp_path), limit=2)) == 2
 
 
+def test_list_pairs_relative_root(tmp_path, monkeypatch):
+    """`--root ./datasets`, as the help shows: the same pairs as the absolute path."""
+    _write_layout(tmp_path / "datasets", "ade150", ["ADE_val_00000002", "ADE_val_00000001"])
+    monkeypatch.chdir(tmp_path)
+    rel = list_pairs("ade150", "./datasets")
+    assert [p.key for p in rel] == ["ADE_val_00000001", "ADE_val_00000002"]
+    assert rel == list_pairs("ade150", str(tmp_path / "datasets"))
+
+
 def test_list_pairs_wrong_root_names_expected_dir(tmp_path):
     with pytest.raises(BenchmarkError, match="ADEChallengeData2016/annotations_detectron2/validation"):
         list_pairs("ade150", str(tmp_path))

@@ -145,7 +145,7 @@ def job_env(s3, tmp: str, **extra: str) -> dict[str, str]:
 
 def job_cmd(input_url: str, output: str, *more: str) -> list[str]:
     return [sys.executable, "-m", "jobs.label", "--input", input_url, "--output", output, "--vocabulary", VOCAB,
-            *MODEL_FLAGS, "--no-progress-bars", "--progress-interval", "5", *more]
+            *MODEL_FLAGS, "--progress-interval", "5", *more]
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -296,14 +296,18 @@ def test_transient_s3_errors_are_retried(s3, s3_prefix, corpus, tmp_path):
 
 
 def test_ray_job_submit(ray_head, s3, s3_prefix, corpus):
-    """`ray job submit -- python -m jobs.label ...` on a running cluster (JobSubmissionClient)."""
+    """`ray job submit -- python -m jobs.label ...` on a running cluster (JobSubmissionClient).
+
+    As docs/labeling.md says: the storage credentials come from the cluster's own environment (the
+    head was started with them, as a node with an instance role or its own settings), never from the
+    runtime env, which Ray writes to its logs in plain text."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     input_url, expected = corpus
     client = JobSubmissionClient(ray_head.dashboard_url)
     args = " ".join(f"'{a}'" for a in job_cmd(input_url, s3_prefix)[1:])
     job_id = client.submit_job(entrypoint=f"cd {REPO} && {sys.executable} {args}",
-                               runtime_env={"env_vars": {**s3.env, "PYTHONPATH": str(REPO)}})
+                               runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     deadline = time.time() + 300
     status = client.get_job_status(job_id)
     while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.time() < deadline:

@@ -75,3 +75,18 @@ def test_segment_and_label_give_the_same_labels_for_an_exif_rotated_photo(tmp_pa
     from_label = decode_label_png(row["label_png"])
     assert from_segment.shape == from_label.shape == shape
     assert np.array_equal(from_segment, from_label)
+
+
+def test_segment_device_that_is_not_there_is_one_line(tmp_path, capsys):
+    import torch
+
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    n = torch.cuda.device_count()
+    device = "cuda" if n == 0 else f"cuda:{n}"  # a device this machine does not have
+    rc = module_main(segment, [str(img), "--vocabulary", "a,b", "--preset", "ebseg-tiny", "--random-weights",
+                               "--device", device, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"ebseg segment: error: --device {device} asks for ") and err.count("\n") == 1
+    assert "this machine has" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()

@@ -247,7 +247,10 @@ def _list(base: str, ext: str) -> dict[str, str]:
         uris = list(iter_files(base, extensions=[ext]))
     except FileNotFoundError:
         return {}
-    base_path = base if "://" not in base else base.split("://", 1)[1]
+    if "://" in base and not base.startswith("file://"):
+        base_path = base.split("://", 1)[1]
+    else:  # local files are listed by absolute path: a relative root ("./datasets") must be made absolute too
+        base_path = os.path.abspath(os.path.expanduser(base.removeprefix("file://")))
     return {_rel_stem(u if "://" not in u else u.split("://", 1)[1], base_path): u for u in uris}
 
 
