@@ -18,6 +18,8 @@ examples:
 
 Config sections: model, data, augment, criterion, solver, run (see docs/training.md).
 Running the same run.name with the same run.storage_path again resumes from its latest checkpoint.
+The run ends by printing the `ebseg label` command that uses its weights (--checkpoint <storage_path>/<name>).
+Credentials are never put into the job's runtime env: see "Credentials" in docs/training.md.
 """
 
 
@@ -36,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ebseg_core.checkpoint import WEIGHTS_FILE
     from ebseg_core.train_data import DatasetError
     from ebseg_core.vocabulary import VocabularyError
     from pipeline.train import ConfigError, load_config, train
@@ -59,11 +62,14 @@ def run(args: argparse.Namespace) -> int:
             cause = cause.__cause__
         print(f"error: training failed: {type(cause).__name__}: {cause}", file=sys.stderr)
         return 1
+    command = result.pop("label_command")
     summary = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
     print("[train] done: " + json.dumps(summary, default=str))
     if args.result_json:
         with open(args.result_json, "w") as f:
-            json.dump(summary, f, default=str)
+            json.dump({**summary, "loss_history": result.get("loss_history", [])}, f, default=str)
+    print(f"[train] weights: {result['run_dir']} (its latest checkpoint's {WEIGHTS_FILE}); label with them:")
+    print(f"  {command}")
     return 0
 
 
