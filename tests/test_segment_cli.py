@@ -41,3 +41,19 @@ def test_segment_refuses_without_weights_or_inputs(tmp_path, capsys):
     assert module_main(segment, [str(img), "--vocabulary", "a,a", "--preset", "ebseg-tiny", "--random-weights",
                          "--out", str(tmp_path)]) == 2
     assert "appears twice" in capsys.readouterr().err
+
+
+def test_segment_random_weights_give_the_same_labels_on_every_run(tmp_path, capsys):
+    rgb, _ = blob_image(64, 80, seed=9, num_classes=4)
+    Image.fromarray(rgb).save(tmp_path / "img.png")
+    labels = []
+    for run in ("a", "b"):
+        rc = module_main(segment, [str(tmp_path / "img.png"), "--vocabulary", "sky,tree,road,car,grass",
+                                   "--preset", "ebseg-tiny", "--random-weights", "--inference-size", "64",
+                                   "--out", str(tmp_path / run)])
+        assert rc == 0, capsys.readouterr().err
+        labels.append(decode_label_png((tmp_path / run / "img.label.png").read_bytes()))
+    assert np.array_equal(labels[0], labels[1])
+    assert module_main(segment, [str(tmp_path / "img.png"), "--vocabulary", "a,b", "--random-weights",
+                                 "--checkpoint", "x.pth", "--out", str(tmp_path / "c")]) == 2
+    assert "exclude each other" in capsys.readouterr().err
