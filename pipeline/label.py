@@ -34,9 +34,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import schema as S
-
-if TYPE_CHECKING:
-    from ebseg_core.checkpoint import ResolvedCheckpoint
 from pipeline.images import DEFAULT_MAX_PIXELS, DecodeError, decode_image_with_info
 from pipeline.resources import actor_torch_threads, set_torch_threads
 from pipeline.listing import (
@@ -58,6 +55,9 @@ from pipeline.listing import (
     table_to_parquet_bytes,
     write_bytes_atomic,
 )
+
+if TYPE_CHECKING:
+    from ebseg_core.checkpoint import ResolvedCheckpoint
 
 PARTS_DIR = "_parts"
 JOB_MARKER = "_job.json"
