@@ -232,6 +232,14 @@ def test_train_prints_the_label_command_and_segment_uses_its_result(s3_run, s3, 
     first = resolve_checkpoint(str(checkpoints[0]))
     assert first.iteration == 2 and first.digest != resolved.digest
 
+    # `ebseg evaluate` resolves the same way, on the driver (no Ray needed to see a mismatch).
+    from pipeline.evaluate import EvalConfig, EvaluateError, model_config
+
+    ev = EvalConfig(["voc20"], str(tmp_path), checkpoint=str(local_run))
+    assert ev.preset == "ebseg-tiny" and ev.resolved.iteration == 4 and model_config(ev).test_min_size == 64
+    with pytest.raises(EvaluateError, match="--preset ebseg-l does not match"):
+        EvalConfig(["voc20"], str(tmp_path), checkpoint=weights_url, preset="ebseg-l")
+
 
 def test_label_with_the_run_directory_in_object_storage(s3_run, s3, ray_local, tmp_path):
     import pyarrow.parquet as pq
@@ -251,3 +259,25 @@ def test_label_with_the_run_directory_in_object_storage(s3_run, s3, ray_local, t
     assert table.num_rows == 2 and set(table.column("status").to_pylist()) == {"ok"}, summary
     model_ids = set(table.column("model_id").to_pylist())
     assert len(model_ids) == 1 and next(iter(model_ids)).startswith("ebseg-tiny:")
+
+
+def test_resume_refuses_a_planted_train_state_and_runs_nothing(s3_run, s3, ray_local, tmp_path, capsys):
+    """Someone who can write to the bucket plants a train_state.pt with code; rerunning the run refuses it
+    (`ebseg train` in this process, on the test's Ray cluster: its workers would run the planted code)."""
+    from jobs import train as job
+
+    assert s3_run["proc"].returncode == 0
+    run_key = f"{s3_run['storage']}/tiny".split("://", 1)[1]
+    latest = max(p for p in s3.fs.ls(run_key) if p.rsplit("/", 1)[-1].startswith("checkpoint_2"))
+    marker = tmp_path / "code_ran"
+    planted = tmp_path / "train_state.pt"
+    torch.save({"iteration": 4, "model": {}, "x": _Plant(marker)}, planted)
+    s3.fs.put_file(str(planted), f"{latest}/train_state.pt")
+    rc = module_main(job, ["--config", CONFIG, "--set", *TINY_RUN, f"data.train={s3_run['data']}",
+                           f"run.storage_path={s3_run['storage']}", "run.name=tiny", "solver.max_iter=4",
+                           "run.checkpoint_period=2"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("ebseg train: error:")]
+    assert rc == 2, err[-3000:]
+    assert len(errors) == 1 and "refusing to load train_state.pt" in errors[0], err[-3000:]
+    assert not marker.exists()
