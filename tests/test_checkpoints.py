@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
