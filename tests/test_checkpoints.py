@@ -109,6 +109,24 @@ def test_preset_is_inferred_from_shapes_and_mismatches_are_one_line(tmp_path):
         resolve_checkpoint(str(tmp_path / "empty_run"))
 
 
+def test_run_directory_means_its_latest_or_best_checkpoint(tmp_path):
+    from ebseg_core.checkpoint import META_FILE, save_weights
+
+    torch.manual_seed(0)
+    model = build_model("ebseg-tiny")
+    run = tmp_path / "run"
+    for name, iteration, miou in (("checkpoint_2026-11-30_01-00-00.000000", 10, 0.7),
+                                  ("checkpoint_2026-11-30_02-00-00.000000", 20, 0.5)):
+        (run / name).mkdir(parents=True)
+        meta = {"iteration": iteration, "vocabulary": Vocabulary.parse("a,b").to_json()}
+        save_weights(run / name / WEIGHTS_FILE, model, meta)
+        (run / name / META_FILE).write_text(json.dumps({**meta, "metrics": {"val_miou": miou}}))
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert resolve_checkpoint(str(run)).iteration == 20
+    assert resolve_checkpoint(str(run), best=True).iteration == 10
+    assert resolve_checkpoint(str(run)).preset == "ebseg-tiny"
+
+
 # ------------------------------------------------------------------------------------------------ slow
 def test_resume_after_a_failure_gives_the_uninterrupted_losses(ray_local, tmp_path, monkeypatch):
     """Per-iteration losses and the final optimizer state of a run that failed and resumed equal the
