@@ -56,10 +56,13 @@ def model_only(args, paths: list[str]) -> float:
     torch.manual_seed(0)
     from ebseg_core import build_model
 
-    spec = ModelSpec(args.preset, args.checkpoint, args.batch_size, inference_size=args.inference_size)
+    from ebseg_core.checkpoint import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(args.checkpoint, preset=args.preset) if args.checkpoint else None
+    spec = ModelSpec(args.preset, checkpoint, args.batch_size, inference_size=args.inference_size)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build_model(spec.config(), checkpoint=args.checkpoint).eval()
+    model = build_model(spec.config(), checkpoint=checkpoint).eval()
     vocab = Vocabulary.parse(args.vocabulary)
     images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
     with torch.inference_mode():

@@ -7,15 +7,19 @@ is loaded with `torch.load(weights_only=True)` or safetensors: a checkpoint cann
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 import urllib.parse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .config import EBSegConfig, preset_config
+from .config import EBSegConfig, preset_config, with_inference_settings
 from .model import EBSeg
+from .vocabulary import Vocabulary
 
 # Constant buffers of the official model that we do not keep as state.
 IGNORED_OFFICIAL_KEYS = ("criterion.empty_weight",)
@@ -172,12 +176,19 @@ def load_sam_weights(model: EBSeg, checkpoint: str) -> None:
     model.load_state_dict(mapped, strict=False)
 
 
-def build_model(config: EBSegConfig | str = "ebseg-b", checkpoint: str | None = None,
+def build_model(config: EBSegConfig | str = "ebseg-b", checkpoint: "str | ResolvedCheckpoint | None" = None,
                 device: str | torch.device | None = None) -> EBSeg:
-    """An EBSeg model from a preset name or config, with an official/our checkpoint if given."""
+    """An EBSeg model from a preset name or config, with an official/our checkpoint if given.
+
+    A :class:`ResolvedCheckpoint` (from :func:`resolve_checkpoint`) names the model by its weights' content.
+    """
     cfg = preset_config(config) if isinstance(config, str) else config
     model = EBSeg(cfg)
-    if checkpoint:
+    if isinstance(checkpoint, ResolvedCheckpoint):
+        load_ebseg_state_dict(model, read_state_dict(checkpoint.weights_url))
+        ident = checkpoint.digest or hashlib.sha1(checkpoint.weights_url.encode()).hexdigest()
+        model.model_id = f"{cfg.name}:{ident[:12]}"
+    elif checkpoint:
         load_ebseg_state_dict(model, read_state_dict(checkpoint))
         model.model_id = f"{cfg.name}:{hashlib.sha1(str(checkpoint).encode()).hexdigest()[:12]}"
     else:
@@ -220,3 +231,249 @@ def weights_digest(path_or_url: str) -> str:
     except OSError:  # a read-only cache only costs the hash again next time
         pass
     return digest
+
+
+# --------------------------------------------------------------------------------------------------
+# Our checkpoints: inference weights + metadata, and how a user names them
+# --------------------------------------------------------------------------------------------------
+WEIGHTS_FILE = "model.safetensors"  # inference weights of one checkpoint (the whole model, float32)
+META_FILE = "meta.json"  # beside it: iteration, metrics, the same metadata as the weights' header
+TRAIN_STATE_FILE = "train_state.pt"  # training state for resume (never needed for inference)
+_HEADER_KEY = "ebseg"  # the safetensors metadata entry that holds our JSON
+_MAX_HEADER_BYTES = 100 << 20
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """Content hash of a state dict (names, dtypes, shapes, bytes): identifies weights whatever their path."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_weights(path: str | Path, model: EBSeg, metadata: dict) -> str:
+    """Write the model's full state as safetensors with ``metadata`` (JSON) in its header; returns the digest."""
+    from safetensors.torch import save_file
+
+    state, storages = {}, set()
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        state[k] = v.clone() if ptr in storages else v  # tied tensors (clip_*.proj): safetensors stores each once
+        storages.add(ptr)
+    digest = weights_digest(state)
+    header = {**metadata, "preset": model.config.name, "weights_sha256": digest}
+    save_file(state, str(path), metadata={_HEADER_KEY: json.dumps(header)})
+    return digest
+
+
+def _fs(url: str):
+    import fsspec
+
+    options = {"use_listings_cache": False} if url.startswith(("s3://", "s3a://")) else {}
+    return fsspec.core.url_to_fs(url, **options)
+
+
+def _safetensors_header(url: str) -> dict:
+    """The JSON header of a safetensors file (local or fsspec URL), read without the tensor data."""
+    fs, path = _fs(url)
+    with fs.open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise CheckpointError(f"{url} is not a safetensors file (too short)")
+        n = int.from_bytes(head, "little")
+        if n > _MAX_HEADER_BYTES:
+            raise CheckpointError(f"{url} is not a safetensors file (header of {n} bytes)")
+        try:
+            return json.loads(f.read(n))
+        except ValueError:
+            raise CheckpointError(f"{url} is not a safetensors file (unreadable header)") from None
+
+
+def weight_shapes(url: str) -> tuple[dict[str, tuple[int, ...]], dict]:
+    """(name -> shape, our metadata or {}) of a weights file, without reading the tensors where possible.
+
+    safetensors: the header only (a ranged read on object storage). .pth/.pt: memory-mapped with
+    ``weights_only=True`` (a remote file is downloaded to the cache first, where the model load finds it).
+    """
+    if url.endswith(".safetensors"):
+        header = _safetensors_header(url)
+        meta = header.pop("__metadata__", None) or {}
+        shapes = {k: tuple(v["shape"]) for k, v in header.items()}
+        try:
+            ours = json.loads(meta[_HEADER_KEY]) if _HEADER_KEY in meta else {}
+        except ValueError:
+            ours = {}
+        return shapes, ours
+    path = resolve_path(url)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - pickled code, a truncated file, not a checkpoint at all
+        raise CheckpointError(f"{url} is not a loadable weights file ({_first_line(e)})") from None
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{url} holds no state dict of tensors")
+    return {k.removeprefix("module."): tuple(v.shape) for k, v in obj.items()}, {}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+@functools.lru_cache(maxsize=None)
+def preset_shapes(preset: str) -> dict[str, tuple[int, ...]]:
+    """name -> shape of a preset's state dict (built on the meta device: no memory, well under a second)."""
+    with torch.device("meta"):
+        model = EBSeg(preset_config(preset))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def weights_mismatch(shapes: dict[str, tuple[int, ...]], preset: str) -> str:
+    """'' when the weights fit the preset exactly; else what does not fit, in one line."""
+    want = preset_shapes(preset)
+    have = {k: v for k, v in shapes.items() if k not in IGNORED_OFFICIAL_KEYS}
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    bad = sorted(f"{k} {have[k]} (model {want[k]})" for k in set(want) & set(have) if have[k] != want[k])
+    parts = []
+    for title, items in (("shape mismatches", bad), ("missing keys", missing), ("unexpected keys", unexpected)):
+        if items:
+            parts.append(f"{len(items)} {title} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})")
+    return "; ".join(parts)
+
+
+def infer_preset(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """The one preset whose state dict the weights fit exactly, or None."""
+    from .config import PRESETS
+
+    fits = [p for p in PRESETS if not weights_mismatch(shapes, p)]
+    return fits[0] if len(fits) == 1 else None
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """What `--checkpoint X` means: the weights file to load and what its metadata says about it."""
+
+    source: str  # what the user gave
+    weights_url: str  # the weights file (local path or URL)
+    preset: str
+    train_vocabulary: Vocabulary | None = None  # the classes it was trained on (decides seen/unseen)
+    inference: dict = field(default_factory=dict)  # with_inference_settings kwargs it was validated with
+    iteration: int | None = None
+    digest: str | None = None  # sha256 of the tensors (our checkpoints)
+
+    def model_config(self, inference_size: int | None = None, inference_max_size: int | None = None) -> EBSegConfig:
+        """The preset's config with the checkpoint's inference settings; explicit sizes override them."""
+        s = self.inference
+        return with_inference_settings(
+            preset_config(self.preset), inference_size or s.get("size"), inference_max_size or s.get("max_size"),
+            alpha=s.get("alpha"), beta=s.get("beta"), gamma=s.get("gamma"))
+
+    def vocabulary_for(self, vocab: Vocabulary) -> Vocabulary:
+        """``vocab`` with seen/unseen flags against the training classes (official COCO-171 list if unknown)."""
+        if self.train_vocabulary is None or vocab.seen is not None:
+            return vocab
+        return vocab.with_seen(vocab.seen_flags([list(s) for s in self.train_vocabulary.synonyms]))
+
+    def describe(self) -> str:
+        it = f", iteration {self.iteration}" if self.iteration is not None else ""
+        return f"{self.weights_url} ({self.preset}{it})"
+
+
+def _is_dir(fs, path: str) -> bool:
+    try:
+        return fs.isdir(path)
+    except Exception:  # noqa: BLE001 - a bucket root or an unreachable store answers below
+        return False
+
+
+def _checkpoint_dirs(fs, run_path: str) -> list[str]:
+    """Checkpoint directories of a run (those holding inference weights), oldest first (Ray's time-stamped names)."""
+    out = []
+    for entry in fs.ls(run_path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("checkpoint_") and fs.exists(f"{entry.rstrip('/')}/{WEIGHTS_FILE}"):
+            out.append(entry.rstrip("/"))
+    return sorted(out)
+
+
+def _url(url: str, fs, path: str) -> str:
+    """fsspec path back to a URL in the user's scheme."""
+    if "://" not in url:
+        return path
+    return f"{url.split('://', 1)[0]}://{path}"
+
+
+def _val_score(fs, ckpt_dir: str) -> float:
+    try:
+        meta = json.loads(fs.cat_file(f"{ckpt_dir}/{META_FILE}"))
+        return float(meta.get("metrics", {}).get("val_miou", float("-inf")))
+    except Exception:  # noqa: BLE001 - no metadata: never the best
+        return float("-inf")
+
+
+def resolve_checkpoint(url: str, preset: str | None = None, best: bool = False) -> ResolvedCheckpoint:
+    """Resolve a run directory, a checkpoint directory or a weights file (local or URL) and check it.
+
+    A run directory means its latest checkpoint (``best``: the highest validation mIoU). ``train_state.pt``
+    means the inference weights beside it. The preset comes from the weights' metadata, else from their
+    shapes; a given ``preset`` must agree. Only the header (safetensors) or a memory map (.pth) is read.
+    Raises CheckpointError (one line) or FileNotFoundError.
+    """
+    url = str(url)
+    if url.startswith(("http://", "https://")):
+        weights = url
+    else:
+        fs, path = _fs(url)
+        path = path.rstrip("/")
+        if path.endswith("/" + TRAIN_STATE_FILE) or path == TRAIN_STATE_FILE:
+            path = path[: -len(TRAIN_STATE_FILE)].rstrip("/") or "."
+        if _is_dir(fs, path):
+            if fs.exists(f"{path}/{WEIGHTS_FILE}"):
+                path = f"{path}/{WEIGHTS_FILE}"
+            else:
+                dirs = _checkpoint_dirs(fs, path)
+                if not dirs:
+                    raise FileNotFoundError(
+                        f"checkpoint not found: {url} is a directory without {WEIGHTS_FILE} and without "
+                        "checkpoint_* directories holding one")
+                chosen = max(dirs, key=lambda d: _val_score(fs, d)) if best else dirs[-1]
+                path = f"{chosen}/{WEIGHTS_FILE}"
+        elif not fs.exists(path):
+            raise FileNotFoundError(f"checkpoint not found: {url}")
+        weights = _url(url, fs, path)
+    shapes, meta = weight_shapes(weights)
+    found = meta.get("preset") or infer_preset(shapes)
+    if preset and found and preset != found:
+        raise CheckpointError(f"--preset {preset} does not match the checkpoint, which is {found} ({weights})")
+    chosen_preset = preset or found
+    if not chosen_preset:
+        raise CheckpointError(f"{weights} fits no preset exactly; give --preset "
+                              f"(closest: {_closest_preset(shapes)})")
+    problem = weights_mismatch(shapes, chosen_preset)
+    if problem:
+        raise CheckpointError(f"{weights} does not fit {chosen_preset}: {problem}")
+    vocab = meta.get("vocabulary")
+    return ResolvedCheckpoint(
+        source=url, weights_url=weights, preset=chosen_preset,
+        train_vocabulary=Vocabulary.from_json(vocab) if vocab else None,
+        inference=dict(meta.get("inference") or {}), iteration=meta.get("iteration"),
+        digest=meta.get("weights_sha256"))
+
+
+def _closest_preset(shapes: dict[str, tuple[int, ...]]) -> str:
+    from .config import PRESETS
+
+    def score(p: str) -> int:
+        want = preset_shapes(p)
+        return sum(1 for k, s in shapes.items() if want.get(k) == s)
+
+    best = max(PRESETS, key=score)
+    return f"{best}: {weights_mismatch(shapes, best)}"

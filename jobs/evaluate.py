@@ -60,10 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "rows are matched to ground truth by image file name")
     mod = parser.add_argument_group("model")
     mod.add_argument("--checkpoint", metavar="PATH_OR_URL",
-                     help="EBSeg weights (official .pth or ours), local or s3://")
-    mod.add_argument("--preset", default="ebseg-b",
-                     help="model architecture: ebseg-b, ebseg-l, ebseg-tiny (default: %(default)s; must match "
-                          "the checkpoint)")
+                     help="EBSeg weights: an official .pth, a model.safetensors of ours, a checkpoint directory or "
+                          "a training run directory (its latest checkpoint); local or s3://")
+    mod.add_argument("--best-checkpoint", action="store_true",
+                     help="with a run directory: its checkpoint with the best validation mIoU instead of the latest")
+    mod.add_argument("--preset", default=None,
+                     help="model architecture: ebseg-b, ebseg-l, ebseg-tiny (default: from the checkpoint; "
+                          "ebseg-b with --random-weights)")
     mod.add_argument("--random-weights", action="store_true",
                      help="no checkpoint: untrained model, for timing and smoke tests only")
     mod.add_argument("--predictor", choices=["model", "ground-truth"], default="model",
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             cfg = EvalConfig(
                 datasets=datasets, root=args.root, preset=args.preset, checkpoint=args.checkpoint,
-                random_weights=args.random_weights, num_actors=args.num_actors,
+                random_weights=args.random_weights, best_checkpoint=args.best_checkpoint, num_actors=args.num_actors,
                 num_gpus_per_actor=args.num_gpus_per_actor, num_cpus_per_actor=args.num_cpus_per_actor,
                 batch_size=args.batch_size, tta=args.tta, out=args.out, limit=args.limit,
                 inference_size=args.inference_size, inference_max_size=args.inference_max_size,

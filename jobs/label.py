@@ -75,10 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     voc.add_argument("--vocabulary-preset", metavar="NAME", help="a benchmark class set: coco171, ade150, ade847, "
                      "pc59, pc459, voc20")
     mod = parser.add_argument_group("model")
-    mod.add_argument("--checkpoint", metavar="PATH_OR_URL", help="EBSeg weights (official .pth or ours); local, "
-                     "s3:// or https://")
-    mod.add_argument("--preset", default="ebseg-b", help="model architecture: ebseg-b, ebseg-l, ebseg-tiny "
-                     "(default: %(default)s; must match the checkpoint)")
+    mod.add_argument("--checkpoint", metavar="PATH_OR_URL", help="EBSeg weights: an official .pth, or of `ebseg "
+                     "train` a run directory (its latest checkpoint), a checkpoint directory or its "
+                     "model.safetensors; local, s3:// or https://")
+    mod.add_argument("--preset", default=None, help="model architecture: ebseg-b, ebseg-l, ebseg-tiny (default: "
+                     "from the checkpoint's metadata or shapes; ebseg-b with --random-weights)")
     mod.add_argument("--random-weights", action="store_true", help="run without a checkpoint (untrained model: "
                      "labels are MEANINGLESS; for testing the pipeline only)")
     mod.add_argument("--inference-size", type=_positive_int, metavar="PIXELS", help="shorter side the model sees "

@@ -15,6 +15,9 @@ examples:
   ebseg segment photo.jpg street.png --vocabulary "sky,tree;trees,road,car;cars" \\
       --checkpoint EBSeg_base.pth --out results/
   ebseg segment *.jpg --vocabulary-preset ade150 --preset ebseg-l --checkpoint EBSeg_large.pth --out ade/
+  # the result of `ebseg train` (its run directory: the latest checkpoint; preset and training classes
+  # come from the checkpoint's metadata)
+  ebseg segment photo.jpg --vocabulary "wall,sky,tree" --checkpoint runs/tiny-generic --out results/
 
 For each IMAGE it writes <out>/<name>.label.png (class index per pixel, 8-bit, or 16-bit above 256
 classes), <out>/<name>.overlay.png (colours + legend) and <out>/classes.json (index -> names).
@@ -35,12 +38,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "or name the prompt before '|': 'road, route|road;street')")
     voc.add_argument("--vocabulary-preset", metavar="NAME", help="coco171, ade150, ade847, pc59, pc459 or voc20")
     mod = parser.add_argument_group("model")
-    mod.add_argument("--checkpoint", metavar="PATH_OR_URL", help="EBSeg weights (official .pth or ours)")
-    mod.add_argument("--preset", default="ebseg-b", help="architecture: ebseg-b, ebseg-l, ebseg-tiny (default: %(default)s)")
+    mod.add_argument("--checkpoint", metavar="PATH_OR_URL",
+                     help="EBSeg weights: an official .pth, a model.safetensors of ours, a checkpoint directory or "
+                          "a training run directory (its latest checkpoint); local or a URL (s3://...)")
+    mod.add_argument("--best-checkpoint", action="store_true",
+                     help="with a run directory: its checkpoint with the best validation mIoU instead of the latest")
+    mod.add_argument("--preset", default=None,
+                     help="architecture: ebseg-b, ebseg-l, ebseg-tiny (default: from the checkpoint; ebseg-b with "
+                          "--random-weights)")
     mod.add_argument("--random-weights", action="store_true",
-                     help="run an untrained model (labels are MEANINGLESS; for trying the tool only)")
+                     help="run an untrained model, the same on every run (labels are MEANINGLESS; for trying "
+                          "the tool only)")
     mod.add_argument("--inference-size", type=positive_int, metavar="PIXELS",
-                     help="shorter side the model sees (default: the preset's, 640); labels stay at the image size")
+                     help="shorter side the model sees (default: the checkpoint's, else the preset's 640); "
+                          "labels are always at the image's size")
     mod.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda if available)")
     parser.add_argument("--batch-size", type=positive_int, default=2, metavar="B", help="images per model call (default: %(default)s)")
 
@@ -95,27 +106,32 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ebseg_core import build_model, preset_config, with_inference_settings
+    from ebseg_core.checkpoint import resolve_checkpoint
 
     vocab = _vocabulary(args)
     if not args.checkpoint and not args.random_weights:
         raise UsageError("no --checkpoint given; pass the EBSeg weights (e.g. EBSeg_base.pth), or "
                          "--random-weights to try the tool with an untrained model")
+    if args.checkpoint and args.random_weights:
+        raise UsageError("--checkpoint and --random-weights exclude each other")
     if args.device:
         _check_device(args.device)
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         raise UsageError(f"image not found: {', '.join(missing)}")
     images = [_decode(p) for p in args.images]
-    if args.random_weights and not args.checkpoint:
+    if args.checkpoint:
+        checkpoint = resolve_checkpoint(args.checkpoint, preset=args.preset, best=args.best_checkpoint)
+        config = checkpoint.model_config(args.inference_size)
+        vocab = checkpoint.vocabulary_for(vocab)
+        print(f"checkpoint: {checkpoint.describe()}", file=sys.stderr)
+    else:
         print("WARNING: --random-weights: the model is UNTRAINED, the labels below are MEANINGLESS.", file=sys.stderr)
+        checkpoint = None
+        config = with_inference_settings(preset_config(args.preset or "ebseg-b"), args.inference_size)
+        torch.manual_seed(0)  # the same untrained model on every run (as `ebseg label --random-weights`)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        config = with_inference_settings(preset_config(args.preset), args.inference_size)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if not args.checkpoint:
-        torch.manual_seed(0)  # random weights: the same model on every run, as `ebseg label` builds it
-    model = build_model(config, checkpoint=args.checkpoint, device=device)
+    model = build_model(config, checkpoint=checkpoint, device=device)
     from pipeline.overlay import overlay
     from pipeline.schema import encode_label_png
 

@@ -18,6 +18,8 @@ examples:
 
 Config sections: model, data, augment, criterion, solver, run (see docs/training.md).
 Running the same run.name with the same run.storage_path again resumes from its latest checkpoint.
+The run ends by printing the `ebseg label` command that uses its weights (--checkpoint <storage_path>/<name>).
+Credentials are never put into the job's runtime env: see "Credentials" in docs/training.md.
 """
 
 
@@ -36,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ebseg_core.checkpoint import WEIGHTS_FILE, CheckpointError
     from ebseg_core.train_data import DatasetError
     from ebseg_core.vocabulary import VocabularyError
     from pipeline.train import ConfigError, load_config, train
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"ebseg train: error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
@@ -51,20 +54,40 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = train(cfg, address=args.address)
     except (ConfigError, DatasetError, VocabularyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"ebseg train: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - a failed Ray run: show the root cause, not a traceback
-        cause = e
-        while getattr(cause, "__cause__", None) is not None:
-            cause = cause.__cause__
-        print(f"error: training failed: {type(cause).__name__}: {cause}", file=sys.stderr)
+        cause = _root_cause(e)
+        if isinstance(cause, CheckpointError):  # e.g. a train_state.pt that is not plain tensors and values
+            print(f"ebseg train: error: {_first_line(cause)}", file=sys.stderr)
+            return 2
+        print(f"ebseg train: error: training failed: {type(cause).__name__}: {_first_line(cause)} "
+              "(the workers' traceback is in the log above)", file=sys.stderr)
         return 1
+    command = result.pop("label_command")
     summary = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
     print("[train] done: " + json.dumps(summary, default=str))
     if args.result_json:
         with open(args.result_json, "w") as f:
-            json.dump(summary, f, default=str)
+            json.dump({**summary, "loss_history": result.get("loss_history", [])}, f, default=str)
+    print(f"[train] weights: {result['run_dir']} (its latest checkpoint's {WEIGHTS_FILE}); label with them:")
+    print(f"  {command}")
     return 0
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The first failed worker's exception (Ray Train's WorkerGroupError), then the end of its cause chain."""
+    failures = getattr(e, "worker_failures", None)
+    if failures:
+        e = failures[min(failures)]
+    while getattr(e, "__cause__", None) is not None:
+        e = e.__cause__
+    return e
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ebseg_core.checkpoint import CheckpointError, ResolvedCheckpoint, resolve_checkpoint
 from ebseg_core.data import Benchmark, BenchmarkError, get_benchmark, list_pairs
 from ebseg_core.vocabulary import Vocabulary, VocabularyError
 from ebseg_core.evaluation import SemSegEvaluator, detectron2_style, mean_defined
@@ -45,9 +46,11 @@ class EvalConfig:
 
     datasets: list[str]
     root: str
-    preset: str = "ebseg-b"
-    checkpoint: str | None = None
+    preset: str | None = None  # None: from the checkpoint (ebseg-b with random weights)
+    checkpoint: str | None = None  # weights file, checkpoint directory or training run directory
     random_weights: bool = False
+    best_checkpoint: bool = False  # a run directory's best-validated checkpoint instead of its latest
+    resolved: ResolvedCheckpoint | None = None  # filled from ``checkpoint`` on the driver (checked, no full read)
     num_actors: int | None = None
     num_gpus_per_actor: float | None = None
     num_cpus_per_actor: float | None = None
@@ -82,6 +85,12 @@ class EvalConfig:
             raise EvaluateError("--class-names replaces one benchmark's class list: evaluate one dataset")
         if self.batch_size < 1:
             raise EvaluateError("--batch-size must be at least 1")
+        if self.predictor == "model" and self.checkpoint and self.resolved is None:
+            try:
+                self.resolved = resolve_checkpoint(self.checkpoint, preset=self.preset, best=self.best_checkpoint)
+            except (CheckpointError, FileNotFoundError) as e:
+                raise EvaluateError(str(e)) from None
+        self.preset = self.resolved.preset if self.resolved else (self.preset or "ebseg-b")
 
 
 @dataclass
@@ -168,7 +177,9 @@ class Scorer:
             from ebseg_core import build_model
 
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            self.model = build_model(model_config(cfg), checkpoint=cfg.checkpoint)
+            self.model = build_model(model_config(cfg), checkpoint=cfg.resolved)
+            if cfg.resolved:  # seen/unseen classes against the checkpoint's training classes
+                self.vocabs = {k: cfg.resolved.vocabulary_for(v) for k, v in self.vocabs.items()}
             self.model.to(self.device).eval()
 
     def _predict(self, images: list[np.ndarray], labels: list[np.ndarray], dataset: str) -> list[np.ndarray]:
@@ -237,9 +248,11 @@ class Scorer:
 
 
 def model_config(cfg: EvalConfig):
-    """The preset's config with the inference-size overrides applied."""
+    """The model's config: the checkpoint's preset and inference settings, with the size overrides applied."""
     from ebseg_core import preset_config, with_inference_settings
 
+    if cfg.resolved:
+        return cfg.resolved.model_config(cfg.inference_size, cfg.inference_max_size)
     return with_inference_settings(preset_config(cfg.preset), cfg.inference_size, cfg.inference_max_size)
 
 
@@ -356,6 +369,8 @@ def _model_info(cfg: EvalConfig) -> dict:
     info = {"predictor": cfg.predictor, "tta": cfg.tta}
     if cfg.predictor == "model":
         info.update({"preset": cfg.preset, "checkpoint": cfg.checkpoint, "random_weights": cfg.random_weights,
+                     "weights": cfg.resolved.weights_url if cfg.resolved else None,
+                     "weights_sha256": cfg.resolved.digest if cfg.resolved else None,
                      "inference_size": cfg.inference_size, "inference_max_size": cfg.inference_max_size})
     return info
 

@@ -28,7 +28,7 @@ import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -62,6 +62,9 @@ from pipeline.listing import (
     write_bytes_atomic,
 )
 
+if TYPE_CHECKING:
+    from ebseg_core.checkpoint import ResolvedCheckpoint
+
 PARTS_DIR = "_parts"
 JOB_MARKER = "_job.json"
 SUCCESS_MARKER = "_SUCCESS"
@@ -92,8 +95,8 @@ class LabelConfig:
     vocabulary: str | None = None  # "cat,dog;puppy,grass"
     vocabulary_file: str | None = None
     vocabulary_preset: str | None = None
-    preset: str = "ebseg-b"
-    checkpoint: str | None = None
+    preset: str | None = None  # None: from the checkpoint's metadata or shapes (ebseg-b with random weights)
+    checkpoint: str | None = None  # weights file, checkpoint directory or training run directory
     random_weights: bool = False
     num_actors: int | None = None  # default: one per GPU, else 1
     num_gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
@@ -319,16 +322,18 @@ def _decoded_table(shards: list[int], uris: list[str], rows: list[dict]) -> pa.T
 @dataclass(frozen=True)
 class ModelSpec:
     preset: str
-    checkpoint: str | None
+    checkpoint: ResolvedCheckpoint | None  # from ebseg_core.checkpoint.resolve_checkpoint; None = random weights
     batch_size: int
     torch_threads: int = 0  # see pipeline.resources.actor_torch_threads
     inference_size: int | None = None
     inference_max_size: int | None = None
 
     def config(self):
-        """The preset's config with the inference-size overrides applied."""
+        """The preset's config (with the checkpoint's inference settings) and the inference-size overrides."""
         from ebseg_core import preset_config, with_inference_settings
 
+        if self.checkpoint is not None:
+            return self.checkpoint.model_config(self.inference_size, self.inference_max_size)
         return with_inference_settings(preset_config(self.preset), self.inference_size, self.inference_max_size)
 
 
@@ -353,7 +358,8 @@ class Labeler:
         self.model_id = str(getattr(self.model, "model_id", spec.preset))
         cfg = getattr(self.model, "config", None)
         self.model_config = json.dumps(
-            {"model_id": self.model_id, "preset": spec.preset, "checkpoint": spec.checkpoint,
+            {"model_id": self.model_id, "preset": spec.preset,
+             "checkpoint": spec.checkpoint.weights_url if spec.checkpoint else None,
              "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg},
             default=str)
         self.label_dtype = np.uint8 if len(vocabulary.names) <= 256 else np.uint16
@@ -732,22 +738,24 @@ def reopen_error_rows(output: str, plan: Plan, kinds: set[str]) -> int:
     return reopened
 
 
-def _check_checkpoint(cfg: LabelConfig) -> None:
+def _check_checkpoint(cfg: LabelConfig) -> ResolvedCheckpoint | None:
+    """The checkpoint resolved and checked against the preset on the driver, before Ray starts (None: random)."""
     if cfg.checkpoint is None:
         if not cfg.random_weights:
-            raise LabelError("no --checkpoint given. Pass --checkpoint PATH_OR_URL (an official EBSeg .pth or ours), "
-                             "or --random-weights to test the pipeline with an untrained model.")
-        return
+            raise LabelError("no --checkpoint given. Pass --checkpoint PATH_OR_URL (an official EBSeg .pth, or a "
+                             "run/checkpoint directory or model.safetensors of `ebseg train`), or --random-weights "
+                             "to test the pipeline with an untrained model.")
+        return None
     if cfg.random_weights:
         raise LabelError("--checkpoint and --random-weights exclude each other")
-    if cfg.checkpoint.startswith(("http://", "https://")):
-        return
+    from ebseg_core.checkpoint import CheckpointError, resolve_checkpoint
+
     try:
-        ok = exists(cfg.checkpoint)
-    except Exception as exc:  # noqa: BLE001
-        raise LabelError(f"cannot reach checkpoint {cfg.checkpoint}: {exc}") from None
-    if not ok:
-        raise LabelError(f"checkpoint {cfg.checkpoint} does not exist")
+        return resolve_checkpoint(cfg.checkpoint, preset=cfg.preset)
+    except (CheckpointError, FileNotFoundError) as exc:
+        raise LabelError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - storage unreachable, no permission
+        raise LabelError(f"cannot reach checkpoint {cfg.checkpoint}: {type(exc).__name__}: {exc}") from None
 
 
 def _probe_input(uris: list[str]) -> None:
@@ -815,9 +823,11 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print) -> LabelSumm
     if unknown:
         raise LabelError(f"--retry-errors: unknown error kind {', '.join(unknown)} "
                          f"(kinds: {', '.join(S.ERROR_KINDS)})")
-    _check_checkpoint(cfg)
+    checkpoint = _check_checkpoint(cfg)
+    cfg = dataclasses.replace(cfg, preset=checkpoint.preset if checkpoint else (cfg.preset or "ebseg-b"))
     vocab = load_vocabulary(cfg)
-    mspec = ModelSpec(preset=cfg.preset, checkpoint=cfg.checkpoint, batch_size=cfg.batch_size,
+    vocab = checkpoint.vocabulary_for(vocab) if checkpoint else vocab
+    mspec = ModelSpec(preset=cfg.preset, checkpoint=checkpoint, batch_size=cfg.batch_size,
                       inference_size=cfg.inference_size, inference_max_size=cfg.inference_max_size)
     try:
         mspec.config()
@@ -831,7 +841,7 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print) -> LabelSumm
         spec = InputSpec(input=cfg.input, manifest=cfg.manifest, extensions=cfg.extensions, glob=cfg.glob)
     except InputError as exc:
         raise LabelError(str(exc)) from None
-    ident = _job_identity(cfg, vocab, mspec.checkpoint)
+    ident = _job_identity(cfg, vocab, checkpoint.weights_url if checkpoint else None)
     log(f"[label] listing {cfg.input or cfg.manifest} into a shard plan under {join_url(cfg.output, '_plan')} ...")
     try:
         swept = sweep_temp_files(cfg.output, [PARTS_DIR, PLAN_DIR])

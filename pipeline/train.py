@@ -10,10 +10,13 @@ One call, :func:`train`, runs the whole job from the driver:
   one would);
 * solver = the official recipe: AdamW, poly LR (power 0.9, optional linear warmup), full-model
   gradient-norm clipping, AMP (fp16 + GradScaler) on GPU, per-parameter weight decay groups;
-* every ``checkpoint_period`` iterations rank 0 writes a checkpoint (trainable weights, optimizer,
-  scheduler, grad scaler, iteration, every rank's RNG state, the config) through ``ray.train.report``
-  to ``storage_path`` (local or s3://...); a restarted run (FailureConfig, or the same ``name`` run
-  again) resumes from the latest one;
+* every ``checkpoint_period`` iterations rank 0 writes a checkpoint through ``ray.train.report`` to
+  ``storage_path`` (local or s3://...): ``train_state.pt`` (trainable weights, optimizer, scheduler,
+  grad scaler, iteration, every rank's RNG state as tensors, the config; plain tensors and values, read
+  back with ``weights_only=True`` so a planted file cannot run code) and the deliverable inference
+  weights ``model.safetensors`` (the whole model; preset, inference settings and training vocabulary
+  in its header, see ebseg_core.checkpoint) + ``meta.json``; a restarted run (FailureConfig, or the
+  same ``name`` run again) resumes from the latest one;
 * every ``val_period`` iterations all workers evaluate a shard of the validation set and the
   confusion matrices are summed: mIoU is reported as a metric.
 """
@@ -34,12 +37,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ebseg_core.checkpoint import META_FILE, TRAIN_STATE_FILE, WEIGHTS_FILE, CheckpointError, save_weights
 from ebseg_core.config import CriterionConfig
 from ebseg_core.train_data import AugmentConfig, DatasetError, DatasetSpec, list_dataset, read_sample
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FILE = "train_state.pt"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,7 +115,6 @@ class RunConfig:
     log_period: int = 20
     max_failures: int = 0
     seed: int = 0
-    fail_at_iteration: int = -1  # testing: raise once after this iteration (before its checkpoint is used)
 
 
 @dataclass
@@ -359,8 +360,10 @@ def train(cfg: TrainConfig, address: str | None = None) -> dict:
 
     payload = prepare(cfg)
     if not ray.is_initialized():
-        env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k in ("EBSEG_CACHE_DIR",)}
-        ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+        # No credentials in the runtime env: Ray writes runtime envs in plain text to its logs. Cluster
+        # nodes hold their own (instance roles, their environment); a local cluster started here inherits
+        # this process's environment. See docs/training.md, "Credentials".
+        ray.init(address=address, log_to_driver=True)
     storage_path, storage_fs = _storage(cfg)
     run = cfg.run
     trainer = TorchTrainer(
@@ -385,9 +388,37 @@ def train(cfg: TrainConfig, address: str | None = None) -> dict:
     if result.error:
         raise result.error
     out = dict(result.metrics or {})
+    out["run_dir"] = run_dir(cfg)
+    out["label_command"] = label_command(cfg, payload["vocabulary"])
     if result.checkpoint is not None:
         out["checkpoint_path"] = result.checkpoint.path
     return out
+
+
+def run_dir(cfg: TrainConfig) -> str:
+    """Where the run's checkpoints go, as a user names it (``--checkpoint`` of label/segment/evaluate)."""
+    path = cfg.run.storage_path.rstrip("/")
+    return f"{path if '://' in path else os.path.abspath(path)}/{cfg.run.name}"
+
+
+def label_command(cfg: TrainConfig, vocabulary_json: str) -> str:
+    """The `ebseg label` command that labels with this run's result and its training classes."""
+    import shlex
+
+    from ebseg_core.vocabulary import Vocabulary
+
+    vocab = Vocabulary.from_json(vocabulary_json)
+    inline = ",".join(";".join(s) for s in vocab.synonyms)
+    if vocab.source.startswith("preset:"):
+        classes = f"--vocabulary-preset {vocab.source.split(':', 1)[1]}"
+    elif vocab.prompts is None and Vocabulary.parse(inline).synonyms == vocab.synonyms and len(inline) <= 300:
+        classes = f"--vocabulary {shlex.quote(inline)}"
+    elif cfg.data.layout == "generic" and not cfg.data.vocabulary:
+        classes = f"--vocabulary-file {shlex.quote(cfg.data.train.rstrip('/') + '/class_names.txt')}"
+    else:
+        classes = f"--vocabulary-file {shlex.quote(cfg.data.vocabulary or 'CLASSES.txt')}"
+    return (f"ebseg label --input IMAGES_DIR_OR_URL --output LABELS_DIR_OR_URL {classes} "
+            f"--checkpoint {shlex.quote(run_dir(cfg))}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -428,7 +459,13 @@ def build_training_model(mcfg: ModelConfig) -> torch.nn.Module:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    """This process's RNG states as tensors and plain numbers (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -436,22 +473,26 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def optimizer_digest(optimizer: torch.optim.Optimizer) -> str:
-    """Hash of the optimizer state (tests compare it across a resume)."""
-    import hashlib
+def load_train_state(path: str) -> dict:
+    """A checkpoint's training state; refuses (CheckpointError, one line) anything but tensors and plain values."""
+    import pickle
 
-    h = hashlib.sha1()
-    sd = optimizer.state_dict()
-    for k in sorted(sd["state"]):
-        for name, t in sorted(sd["state"][k].items()):
-            h.update(f"{k}.{name}".encode())
-            h.update(torch.as_tensor(t).detach().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()
+        hint = next((line.strip() for line in reason if "Unsupported global" in line), reason[0] if reason else "")
+        raise CheckpointError(
+            f"refusing to load {os.path.basename(path)}: it holds Python objects, not only tensors and plain "
+            f"values, and loading it could run code ({hint}). Was it written by this version? "
+            f"Delete that checkpoint directory to resume from an older one.") from None
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -491,11 +532,11 @@ def train_loop_per_worker(payload: dict) -> None:
     use_amp = cfg.solver.amp and cfg.run.use_gpu
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    start_iter, resumed_from, resume_digest, history = 0, None, "", []
+    start_iter, resumed_from, history = 0, None, []
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+            state = load_train_state(os.path.join(d, TRAIN_STATE_FILE))
         missing = model.load_state_dict(state["model"], strict=False)
         if missing.unexpected_keys:
             raise RuntimeError(f"checkpoint has unexpected keys: {missing.unexpected_keys[:5]}")
@@ -505,11 +546,10 @@ def train_loop_per_worker(payload: dict) -> None:
         scaler.load_state_dict(state["scaler"])
         start_iter = resumed_from = int(state["iteration"])
         history = list(state.get("loss_history", []))
-        resume_digest = optimizer_digest(optimizer)
         rng = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
         _set_rng_state(rng)
         if rank == 0:
-            print(f"[train] resumed from iteration {start_iter} (optimizer {optimizer_digest(optimizer)})", flush=True)
+            print(f"[train] resumed from iteration {start_iter}", flush=True)
 
     ddp = module
     if world > 1:
@@ -529,6 +569,9 @@ def train_loop_per_worker(payload: dict) -> None:
         num_workers=cfg.data.loader_workers,
         collate_fn=collate_train,
         persistent_workers=cfg.data.loader_workers > 0,
+        # Its own generator: creating the iterator draws a base seed, which from the global generator
+        # would shift the criterion's point sampling after a resume restored the global RNG state.
+        generator=torch.Generator().manual_seed(cfg.run.seed * 1000 + rank),
     )
     val_samples = [Sample(*s) for s in payload["val_samples"]]
 
@@ -581,9 +624,6 @@ def train_loop_per_worker(payload: dict) -> None:
         iteration += 1
         it_done += 1
 
-        if iteration == cfg.run.fail_at_iteration and resumed_from is None:
-            raise RuntimeError(f"fail_at_iteration={iteration}: injected failure (testing resume)")
-
         is_log = iteration % cfg.run.log_period == 0 or iteration == max_iter
         is_ckpt = iteration % cfg.run.checkpoint_period == 0 or iteration == max_iter
         is_val = bool(val_samples) and (iteration % cfg.run.val_period == 0 or iteration == max_iter)
@@ -605,7 +645,6 @@ def train_loop_per_worker(payload: dict) -> None:
             "it_per_s": speed,
             "bad_samples": bad_total,
             "resumed_from": -1 if resumed_from is None else resumed_from,
-            "resume_optimizer_digest": resume_digest,
             "num_nodes": num_nodes,
             "world_size": world,
             "loss_history": [list(h) for h in history],
@@ -640,17 +679,32 @@ def train_loop_per_worker(payload: dict) -> None:
                 "rng": rng_states,
                 "config": payload["config"],
                 "vocabulary": payload["vocabulary"],
-                "optimizer_digest": optimizer_digest(optimizer),
                 "loss_history": history,
             }
-            torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump({"iteration": iteration, "preset": cfg.model.preset, "metrics": metrics}, f)
+            torch.save(state, os.path.join(tmp, TRAIN_STATE_FILE))
+            meta = weights_metadata(cfg, payload["vocabulary"], iteration)
+            meta["weights_sha256"] = save_weights(os.path.join(tmp, WEIGHTS_FILE), model, meta)
+            with open(os.path.join(tmp, META_FILE), "w") as f:
+                json.dump({**meta, "preset": cfg.model.preset, "metrics": metrics}, f)
             checkpoint = Checkpoint.from_directory(tmp)
-            metrics["optimizer_digest"] = state["optimizer_digest"]
         ray.train.report(metrics, checkpoint=checkpoint)
         if checkpoint is not None:
             shutil.rmtree(checkpoint.path, ignore_errors=True)
+
+
+def weights_metadata(cfg: TrainConfig, vocabulary_json: str, iteration: int) -> dict:
+    """What inference needs besides the tensors: the settings validation used, the training classes."""
+    m = cfg.model
+    inference = {"size": m.inference_size, "alpha": m.inference_alpha, "beta": m.inference_beta,
+                 "gamma": m.inference_gamma}
+    return {
+        "format": 1,
+        "inference": {k: v for k, v in inference.items() if v is not None},
+        "vocabulary": vocabulary_json,
+        "iteration": iteration,
+        "run": cfg.run.name,
+        "base": {"checkpoint": m.checkpoint, "clip_pretrained": m.clip_pretrained, "sam_checkpoint": m.sam_checkpoint},
+    }
 
 
 def _terms(losses: dict) -> dict:

@@ -90,3 +90,19 @@ def test_segment_device_that_is_not_there_is_one_line(tmp_path, capsys):
     assert rc == 2 and err.startswith(f"ebseg segment: error: --device {device} asks for ") and err.count("\n") == 1
     assert "this machine has" in err
     assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_segment_random_weights_give_the_same_labels_on_every_run(tmp_path, capsys):
+    rgb, _ = blob_image(64, 80, seed=9, num_classes=4)
+    Image.fromarray(rgb).save(tmp_path / "img.png")
+    labels = []
+    for run in ("a", "b"):
+        rc = module_main(segment, [str(tmp_path / "img.png"), "--vocabulary", "sky,tree,road,car,grass",
+                                   "--preset", "ebseg-tiny", "--random-weights", "--inference-size", "64",
+                                   "--out", str(tmp_path / run)])
+        assert rc == 0, capsys.readouterr().err
+        labels.append(decode_label_png((tmp_path / run / "img.label.png").read_bytes()))
+    assert np.array_equal(labels[0], labels[1])
+    assert module_main(segment, [str(tmp_path / "img.png"), "--vocabulary", "a,b", "--random-weights",
+                                 "--checkpoint", "x.pth", "--out", str(tmp_path / "c")]) == 2
+    assert "exclude each other" in capsys.readouterr().err
