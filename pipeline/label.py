@@ -928,7 +928,10 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print) -> LabelSumm
         if not list_dir(join_url(cfg.output, PARTS_DIR)):
             remove_tree(join_url(cfg.output, PARTS_DIR))
         write_bytes_atomic(join_url(cfg.output, SUCCESS_MARKER), json.dumps(dataclasses.asdict(summary)).encode())
-    append_run(cfg.output, summary, preset=cfg.preset)
+    try:
+        append_run(cfg.output, summary, preset=cfg.preset)
+    except WriteError as exc:  # e.g. the full disk that stopped the run: its own line says what to do
+        log(f"[label] this run is not in the history: {exc}")
     for line in summary.lines():
         log(line)
     return summary

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import tracemalloc
 from pathlib import Path
@@ -75,7 +76,7 @@ def _current(out: str) -> dict[str, dict]:
     return {r["uri"]: r for r in rows}
 
 
-def test_new_changed_deleted_then_rerun(ray_local, tmp_path):
+def test_new_changed_deleted_then_rerun(ray_local, tmp_path, capsys):
     src = tmp_path / "in"
     images = write_images(src, 4)
     out = str(tmp_path / "out")
@@ -114,9 +115,18 @@ def test_new_changed_deleted_then_rerun(ray_local, tmp_path):
     success = json.loads(Path(out, "_SUCCESS").read_text())
     assert success["complete"] and success["listing"]["changed"] == 1 and success["inputs_total"] == 5
 
-    from pipeline.curate import open_labels, stats
+    # what readers see: the current rows only; `ebseg curate stats` shows the run history
+    from jobs import curate as curate_cli
+    from jobs.cli import module_main
 
-    assert stats(open_labels(out)).rows == 5  # what readers see: the current rows only
+    capsys.readouterr()
+    assert module_main(curate_cli, ["stats", out, "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["rows"] == 5 and [r["new"] for r in st["runs"]] == [4, 2, 0]
+    assert module_main(curate_cli, ["stats", out]) == 0
+    text = capsys.readouterr().out
+    assert "labeling runs (3, from _runs.json)" in text
+    assert len(re.findall(r"^  \d{4}-\d\d-\d\dT", text, flags=re.M)) == 3
 
     nothing = run_label(config(out, input=str(src), relabel_changed=True))
     assert nothing.processed == 0 and nothing.listing["unchanged"] == 5 and nothing.complete
@@ -150,3 +160,20 @@ def test_kill_between_listing_and_labeling_of_a_generation(ray_local, tmp_path):
     last = run_label(config(out, input=str(src)))
     assert last.processed == 0 and last.listing["unchanged"] == 5 and last.listing["deleted"] == 0
     assert set(_current(out)) == set(rows)
+
+
+def test_s3_listing_diff_sees_overwritten_keys_by_size_and_etag(s3, s3_prefix):
+    base = s3_prefix[len("s3://"):]
+    s3.fs.pipe({f"{base}in/k{i}.jpg": b"x" * (10 + i) for i in range(4)})
+    out = s3_prefix + "out"
+    spec = InputSpec(input=s3_prefix + "in")
+    plan = build_plan(spec, out, shard_size=2, progress=None)
+    s3.fs.pipe({f"{base}in/k1.jpg": b"y" * 11,  # same size, new content: the ETag tells
+                f"{base}in/k9.jpg": b"z"})
+    s3.fs.rm(f"{base}in/k2.jpg")
+    s3.fs.invalidate_cache()
+    kept = plan_generation(plan, spec, relabel_changed=False, progress=None)
+    assert (kept.new, kept.changed_kept, kept.deleted, kept.unchanged) == (1, 1, 1, 2)
+    plan = load_plan(out)
+    assert plan.generations[-1]["retired"] is False and plan.num_shards == 3
+    assert read_plan_shard(plan.shard_url(2)) == [s3_prefix + "in/k9.jpg"]
