@@ -173,8 +173,8 @@ def _cmd_stats(ds, args) -> int:
         print(f"never predicted ({len(unseen)}): {', '.join(unseen[:20])}{' ...' if len(unseen) > 20 else ''}")
     if st.runs:
         print(f"labeling runs ({len(st.runs)}, from _runs.json):")
-        print(f"  {'finished (UTC)':<26}{'new':>8}{'changed':>9}{'deleted':>9}{'unchanged':>11}{'labeled':>9}{'errors':>8}"
-              f"  model")
+        print(f"  {'finished (UTC)':<26}{'new':>8}{'changed':>9}{'deleted':>9}{'unchanged':>11}{'labeled':>9}"
+              f"{'errors':>8}  model")
         for r in st.runs:
             listed = r.get("new") is not None
             cells = [r.get(k) if listed else "-" for k in ("new", "changed", "deleted", "unchanged")]

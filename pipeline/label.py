@@ -13,6 +13,10 @@ Design (why, in short; docs/labeling.md has the long form):
   fragments, the shard is compacted into ``labels-N.parquet`` (written whole, then fragments
   deleted). A rerun skips shards with a final file and, for the others, only the URIs not in a
   fragment. A SIGKILL at any moment leaves whole files only, so nothing is lost or doubled.
+- Incremental runs: a rerun into a complete output lists again and plans a new generation of
+  shards for what is new or changed (listing.plan_generation); once all is final, the rows of
+  changed and deleted inputs move to ``_superseded/`` (retire_rows), so ``labels-*.parquet``
+  holds one current row per input. ``_runs.json`` keeps the history of runs.
 """
 
 from __future__ import annotations
@@ -147,7 +151,8 @@ class LabelSummary:
         d = self.listing
         listing = []
         if d:
-            kept = f", {d['changed_kept']:,} changed but kept (--relabel-changed relabels them)" if d["changed_kept"] else ""
+            kept = (f", {d['changed_kept']:,} changed but kept (--relabel-changed relabels them)"
+                    if d["changed_kept"] else "")
             listing = [f"[label] listing:     {d['new']:,} new, {d['changed']:,} changed (relabeled), "
                        f"{d['deleted']:,} deleted, {d['unchanged']:,} already labeled{kept}"]
         return listing + [

@@ -9,7 +9,9 @@ is written last and marks the plan complete. Labeling reads the plan shards insi
 
 The plan is deterministic: the same listing gives the same shards (object stores list keys in
 lexicographic order; local directories are walked in sorted order), and a complete plan is reused,
-never rebuilt, when the job is rerun, so shard ``i`` always means the same inputs.
+never rebuilt, when the job is rerun, so shard ``i`` always means the same inputs. A rerun on a
+complete output appends a *generation* of shards for what the listing has new or changed
+(plan_generation: a streaming merge of the sorted listing and the sorted plan).
 """
 
 from __future__ import annotations
