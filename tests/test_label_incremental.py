@@ -133,7 +133,9 @@ def test_new_changed_deleted_then_rerun(ray_local, tmp_path, capsys):
     assert set(_current(out)) == set(rows)
 
 
-def test_kill_between_listing_and_labeling_of_a_generation(ray_local, tmp_path):
+def test_kill_between_listing_and_labeling_then_while_retiring(ray_local, tmp_path, monkeypatch):
+    import pipeline.label as L
+
     src = tmp_path / "in"
     images = write_images(src, 3)
     out = str(tmp_path / "out")
@@ -143,7 +145,7 @@ def test_kill_between_listing_and_labeling_of_a_generation(ray_local, tmp_path):
 
     added = write_images(src, 3, start=20)
     os.unlink(images[0])
-    # The listing step of the next run, as run_label does it, and then the driver dies: the
+    # 1. The listing step of the next run, as run_label does it, and then the driver dies: the
     # generation is planned (plan.json says so), nothing of it is labeled, nothing retired.
     plan = load_plan(out)
     diff = plan_generation(plan, InputSpec(input=str(src)), progress=None)
@@ -157,39 +159,11 @@ def test_kill_between_listing_and_labeling_of_a_generation(ray_local, tmp_path):
     assert set(rows) == set(images[1:] + added)
     for uri in images[1:]:
         assert rows[uri]["labeled_at"] == before[uri]["labeled_at"]
-    last = run_label(config(out, input=str(src)))
-    assert last.processed == 0 and last.listing["unchanged"] == 5 and last.listing["deleted"] == 0
-    assert set(_current(out)) == set(rows)
 
-
-def test_s3_listing_diff_sees_overwritten_keys_by_size_and_etag(s3, s3_prefix):
-    base = s3_prefix[len("s3://"):]
-    s3.fs.pipe({f"{base}in/k{i}.jpg": b"x" * (10 + i) for i in range(4)})
-    out = s3_prefix + "out"
-    spec = InputSpec(input=s3_prefix + "in")
-    plan = build_plan(spec, out, shard_size=2, progress=None)
-    s3.fs.pipe({f"{base}in/k1.jpg": b"y" * 11,  # same size, new content: the ETag tells
-                f"{base}in/k9.jpg": b"z"})
-    s3.fs.rm(f"{base}in/k2.jpg")
-    s3.fs.invalidate_cache()
-    kept = plan_generation(plan, spec, relabel_changed=False, progress=None)
-    assert (kept.new, kept.changed_kept, kept.deleted, kept.unchanged) == (1, 1, 1, 2)
-    plan = load_plan(out)
-    assert plan.generations[-1]["retired"] is False and plan.num_shards == 3
-    assert read_plan_shard(plan.shard_url(2)) == [s3_prefix + "in/k9.jpg"]
-
-
-def test_kill_while_retiring_rows_then_rerun(ray_local, tmp_path, monkeypatch):
-    """The driver dies after a changed input's new row is final and its old row is set aside, before
-    the old shard is rewritten (simulated by a test-only wrapper that raises on that write)."""
-    import pipeline.label as L
-
-    src = tmp_path / "in"
-    images = write_images(src, 4)
-    out = str(tmp_path / "out")
-    assert run_label(config(out, input=str(src))).complete
-    Image.fromarray(blob_image(44, 36, seed=78, num_classes=3)[0]).save(images[0])
-    os.unlink(images[3])
+    # 2. The driver dies after a changed input's new row is final and its old row is set aside,
+    # before its old shard is rewritten (a test-only wrapper raises on that write).
+    Image.fromarray(blob_image(44, 36, seed=78, num_classes=3)[0]).save(images[1])
+    os.unlink(added[0])
     real_write = L.write_bytes_atomic
 
     class Killed(BaseException):
@@ -209,11 +183,29 @@ def test_kill_while_retiring_rows_then_rerun(ray_local, tmp_path, monkeypatch):
     monkeypatch.setattr(L, "write_bytes_atomic", real_write)
     assert list(Path(out, "_superseded").rglob("labels-000000.parquet"))  # set aside, not yet rewritten
 
-    rerun = run_label(config(out, input=str(src), relabel_changed=True))
-    assert rerun.complete and rerun.processed == 0
-    assert (rerun.listing["new"], rerun.listing["changed"], rerun.listing["deleted"]) == (0, 0, 0)
+    last = run_label(config(out, input=str(src), relabel_changed=True))
+    assert last.complete and last.processed == 0
+    assert (last.listing["new"], last.listing["changed"], last.listing["deleted"]) == (0, 0, 0)
+    assert last.listing["unchanged"] == 4
     rows = _current(out)
-    assert set(rows) == set(images[:3])
-    assert (rows[images[0]]["height"], rows[images[0]]["width"]) == (44, 36)
+    assert set(rows) == {images[1], images[2], added[1], added[2]}
+    assert (rows[images[1]]["height"], rows[images[1]]["width"]) == (44, 36)
     aside = [r["uri"] for f in Path(out, "_superseded").rglob("*.parquet") for r in pq.read_table(f).to_pylist()]
-    assert sorted(aside) == sorted([images[0], images[3]])
+    assert sorted(aside) == sorted([images[0], images[1], added[0]])
+
+
+def test_s3_listing_diff_sees_overwritten_keys_by_size_and_etag(s3, s3_prefix):
+    base = s3_prefix[len("s3://"):]
+    s3.fs.pipe({f"{base}in/k{i}.jpg": b"x" * (10 + i) for i in range(4)})
+    out = s3_prefix + "out"
+    spec = InputSpec(input=s3_prefix + "in")
+    plan = build_plan(spec, out, shard_size=2, progress=None)
+    s3.fs.pipe({f"{base}in/k1.jpg": b"y" * 11,  # same size, new content: the ETag tells
+                f"{base}in/k9.jpg": b"z"})
+    s3.fs.rm(f"{base}in/k2.jpg")
+    s3.fs.invalidate_cache()
+    kept = plan_generation(plan, spec, relabel_changed=False, progress=None)
+    assert (kept.new, kept.changed_kept, kept.deleted, kept.unchanged) == (1, 1, 1, 2)
+    plan = load_plan(out)
+    assert plan.generations[-1]["retired"] is False and plan.num_shards == 3
+    assert read_plan_shard(plan.shard_url(2)) == [s3_prefix + "in/k9.jpg"]
