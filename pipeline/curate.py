@@ -408,9 +408,10 @@ def stats(ds: LabelDataset, q: Query | None = None) -> DatasetStats:
 
 def run_history(url: str) -> list[dict]:
     """The run history ``ebseg label`` keeps under an output directory (``_runs.json``); [] when none."""
+    from pipeline.label import RUNS_LOG
     from pipeline.listing import exists, join_url
 
-    history = join_url(url, "_runs.json")
+    history = join_url(url, RUNS_LOG)
     try:
         if not exists(history):
             return []
