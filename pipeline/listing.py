@@ -723,6 +723,19 @@ class ListingDiff:
     generation: int | None = None  # the generation planned by this listing, if any
 
 
+def _remove_unplanned(plan: Plan) -> None:
+    """Delete plan shards and retired lists beyond plan.json: a listing killed before plan.json left them
+    (a stale retired list would report deletions that never were)."""
+    for name in list_dir(join_url(plan.output, PLAN_DIR)):
+        stem, _, ext = name.partition(".")
+        kind, _, num = stem.partition("-")
+        if ext != "parquet" or not num.isdigit():
+            continue
+        beyond = plan.num_shards if kind == "shard" else len(plan.generations) if kind == "retired" else None
+        if beyond is not None and int(num) >= beyond:
+            remove_tree(join_url(plan.output, PLAN_DIR, name))
+
+
 def plan_generation(plan: Plan, spec: InputSpec, relabel_changed: bool = False,
                     progress: Callable[[str], None] | None = print, progress_every: int = 100_000,
                     sort_run: int = SORT_RUN) -> ListingDiff:
@@ -737,6 +750,7 @@ def plan_generation(plan: Plan, spec: InputSpec, relabel_changed: bool = False,
     diff = ListingDiff()
     gen = len(plan.generations)
     first = plan.num_shards
+    _remove_unplanned(plan)
     writer = _ShardWriter(plan.output, first, plan.shard_size)
     retired: dict[str, list] = {"uri": [], "shard": [], "reason": []}
     with tempfile.TemporaryDirectory(prefix="ebseg-diff-") as workdir:

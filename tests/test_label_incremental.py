@@ -209,3 +209,19 @@ def test_s3_listing_diff_sees_overwritten_keys_by_size_and_etag(s3, s3_prefix):
     plan = load_plan(out)
     assert plan.generations[-1]["retired"] is False and plan.num_shards == 3
     assert read_plan_shard(plan.shard_url(2)) == [s3_prefix + "in/k9.jpg"]
+
+
+def test_a_listing_killed_before_plan_json_leaves_nothing_that_counts(tmp_path):
+    src = tmp_path / "in"
+    write_images(src, 3)
+    out = tmp_path / "out"
+    spec = InputSpec(input=str(src))
+    plan = build_plan(spec, str(out), shard_size=2, progress=None)
+    # what a listing killed after writing its shards and retired list, before plan.json, leaves
+    (out / "_plan" / "shard-000002.parquet").write_bytes((out / "_plan" / "shard-000000.parquet").read_bytes())
+    (out / "_plan" / "retired-000001.parquet").write_bytes(b"stale")
+    diff = plan_generation(load_plan(str(out)), spec, progress=None)
+    assert (diff.new, diff.deleted, diff.unchanged, diff.generation) == (0, 0, 3, None)
+    assert sorted(p.name for p in (out / "_plan").iterdir()) == ["plan.json", "shard-000000.parquet",
+                                                                 "shard-000001.parquet"]
+    assert load_plan(str(out)) == plan
