@@ -171,6 +171,16 @@ def _cmd_stats(ds, args) -> int:
     unseen = [c.name for c in st.classes if not c.images]
     if unseen:
         print(f"never predicted ({len(unseen)}): {', '.join(unseen[:20])}{' ...' if len(unseen) > 20 else ''}")
+    if st.runs:
+        print(f"labeling runs ({len(st.runs)}, from _runs.json):")
+        print(f"  {'finished (UTC)':<26}{'new':>8}{'changed':>9}{'deleted':>9}{'unchanged':>11}{'labeled':>9}"
+              f"{'errors':>8}  model")
+        for r in st.runs:
+            listed = r.get("new") is not None
+            cells = [r.get(k) if listed else "-" for k in ("new", "changed", "deleted", "unchanged")]
+            print(f"  {r.get('finished_at', ''):<26}{cells[0]:>8}{cells[1]:>9}{cells[2]:>9}{cells[3]:>11}"
+                  f"{r.get('labeled', 0):>9}{sum((r.get('errors') or {}).values()):>8}  {r.get('model_id', '')}"
+                  f"{'' if r.get('complete') else '  (incomplete)'}")
     return 0
 
 

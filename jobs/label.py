@@ -26,6 +26,8 @@ examples:
 
 resume: rerun the same command. Finished shards are skipped and only missing inputs are labeled;
 the output then holds every input exactly once (errors included, as status="error" rows).
+incremental: rerun the same command on a complete output: only inputs added since are labeled
+(--relabel-changed: also overwritten ones); deleted inputs leave the current rows (_runs.json: history).
 Output: <output>/labels-NNNNNN.parquet (schema: docs/label_schema.md), plus _plan/, _job.json and
 _SUCCESS (a summary, written when every shard is done). Details: docs/labeling.md.
 """
@@ -110,6 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="relabel the error rows of these kinds (all kinds when none is named) in an existing "
                              "output, e.g. 'read' after a storage outage; each input keeps exactly one row. "
                              f"Kinds: {_ALL_KINDS_TEXT}")
+    run.add_argument("--relabel-changed", action="store_true",
+                     help="on a rerun into an existing output, also relabel inputs whose content changed since "
+                          "(S3: size or ETag; local: size or mtime); without it they are counted and keep their row")
     run.add_argument("--progress-interval", type=_non_negative_float, default=10.0, metavar="SECONDS",
                      help="seconds between progress lines, 0 for none (default: %(default)s)")
     run.add_argument("--progress-bars", action="store_true", help="also show Ray Data's per-operator progress "
@@ -133,6 +138,7 @@ def config_from_args(args: argparse.Namespace):
         inference_max_size=args.inference_max_size, shard_size=args.shard_size, max_pixels=args.max_pixels,
         max_bytes=args.max_bytes, read_retries=args.read_retries, progress_interval_s=args.progress_interval,
         progress_bars=args.progress_bars, retry_errors=tuple(args.retry_errors),
+        relabel_changed=args.relabel_changed,
     )
 
 

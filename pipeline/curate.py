@@ -335,6 +335,7 @@ class DatasetStats:
     pixels: int = 0
     classes: list[ClassStats] = field(default_factory=list)
     num_classes: int = 0
+    runs: list[dict] = field(default_factory=list)  # the labeling runs of the output (its _runs.json), oldest first
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -401,7 +402,22 @@ def stats(ds: LabelDataset, q: Query | None = None) -> DatasetStats:
             cs.confidence_sum += float(csum[c])
             cs.confidence_hist = [a + int(x) for a, x in zip(cs.confidence_hist, hist[c])]
     out.classes = per
+    out.runs = run_history(ds.url)
     return out
+
+
+def run_history(url: str) -> list[dict]:
+    """The run history ``ebseg label`` keeps under an output directory (``_runs.json``); [] when none."""
+    from pipeline.label import RUNS_LOG
+    from pipeline.listing import exists, join_url
+
+    history = join_url(url, RUNS_LOG)
+    try:
+        if not exists(history):
+            return []
+        return json.loads(read_bytes(history))
+    except (OSError, ValueError):  # a single Parquet file given as url, or no history to read
+        return []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,10 @@ Design (why, in short; docs/labeling.md has the long form):
   fragments, the shard is compacted into ``labels-N.parquet`` (written whole, then fragments
   deleted). A rerun skips shards with a final file and, for the others, only the URIs not in a
   fragment. A SIGKILL at any moment leaves whole files only, so nothing is lost or doubled.
+- Incremental runs: a rerun into a complete output lists again and plans a new generation of
+  shards for what is new or changed (listing.plan_generation); once all is final, the rows of
+  changed and deleted inputs move to ``_superseded/`` (retire_rows), so ``labels-*.parquet``
+  holds one current row per input. ``_runs.json`` keeps the history of runs.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import schema as S
@@ -42,6 +47,7 @@ from pipeline.listing import (
     InputError,
     PLAN_DIR,
     InputSpec,
+    ListingDiff,
     Plan,
     WriteError,
     backoff_delay,
@@ -52,8 +58,11 @@ from pipeline.listing import (
     fs_and_path,
     join_url,
     list_dir,
+    load_plan,
+    plan_generation,
     read_bytes,
     read_plan_shard,
+    read_plan_table,
     remove_tree,
     retry_io,
     shard_name,
@@ -67,6 +76,8 @@ if TYPE_CHECKING:
 
 PARTS_DIR = "_parts"
 JOB_MARKER = "_job.json"
+RUNS_LOG = "_runs.json"  # the run history: one record per run (time, listing diff, counts, model)
+SUPERSEDED_DIR = "_superseded"  # rows that stopped being current: _superseded/gen-G/labels-N.parquet
 SUCCESS_MARKER = "_SUCCESS"
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 TEST_EXIT_ENV = "EBSEG_TEST_ACTOR_EXIT_AT_BATCH"  # TEST ONLY: "N:/path/marker" -> one actor exits on batch N
@@ -115,6 +126,7 @@ class LabelConfig:
     progress_interval_s: float = 10.0
     progress_bars: bool = False
     retry_errors: tuple[str, ...] = ()  # error kinds whose rows a rerun relabels ("--retry-errors read,model")
+    relabel_changed: bool = False  # an incremental run also relabels inputs whose content changed
 
 
 @dataclass
@@ -134,10 +146,19 @@ class LabelSummary:
     model_id: str = ""
     vocabulary_id: str = ""
     stopped: str = ""  # why the run stopped early (a storage fault about the job, not a file); "" otherwise
+    listing: dict = field(default_factory=dict)  # ListingDiff of this run's listing ({} when it did not list)
+    finished_at: str = ""
 
     def lines(self) -> list[str]:
         errs = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors.items())) or "none"
-        return [
+        d = self.listing
+        listing = []
+        if d:
+            kept = (f", {d['changed_kept']:,} changed but kept (--relabel-changed relabels them)"
+                    if d["changed_kept"] else "")
+            listing = [f"[label] listing:     {d['new']:,} new, {d['changed']:,} changed (relabeled), "
+                       f"{d['deleted']:,} deleted, {d['unchanged']:,} already labeled{kept}"]
+        return listing + [
             f"[label] output:      {self.output} ({self.shards_total} files labels-*.parquet)",
             f"[label] inputs:      {self.inputs_total:,} ({self.inputs_skipped:,} already labeled by an earlier run)",
             f"[label] this run:    {self.processed:,} labeled, {self.ok:,} ok, errors: {errs}",
@@ -847,11 +868,13 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print) -> LabelSumm
         swept = sweep_temp_files(cfg.output, [PARTS_DIR, PLAN_DIR])
         if swept:
             log(f"[label] removed {swept} temp file(s) left by an interrupted run")
+        earlier = load_plan(cfg.output)
         plan = build_plan(spec, cfg.output, shard_size=cfg.shard_size, progress=log)
         labeled_any = (any(n.startswith("labels-") for n in list_dir(cfg.output))
                        or any(_fragment_urls(cfg.output, int(d.split("-")[1]))
                               for d in list_dir(join_url(cfg.output, PARTS_DIR)) if d.startswith("shard-")))
         _check_job_identity(cfg, ident, labeled_any, log)
+        listing = _listing_diff(cfg, spec, plan, earlier, log)
         if cfg.retry_errors:
             n = reopen_error_rows(cfg.output, plan, set(cfg.retry_errors))
             log(f"[label] --retry-errors {','.join(cfg.retry_errors)}: {n:,} error rows to label again")
@@ -904,22 +927,112 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print) -> LabelSumm
         for s in to_compact:
             compact_shard(cfg.output, s, plan.shard_url(s))
 
-    finals = {n for n in list_dir(cfg.output) if n.startswith("labels-") and n.endswith(".parquet")}
-    complete = all(final_name(s) in finals for s in range(plan.num_shards))
+    complete = _all_final(cfg.output, plan)
+    if complete and not stopped:
+        retire_rows(cfg.output, plan, log)
     seconds = time.time() - t_start
     if stopped:
         stopped = stopped.format(labeled=f"{skipped + processed:,}", total=f"{plan.total:,}")
     summary = LabelSummary(output=cfg.output, inputs_total=plan.total, shards_total=plan.num_shards,
                            inputs_skipped=skipped, processed=processed, ok=ok, errors=dict(errors),
                            seconds=seconds, images_per_s=processed / seconds if seconds > 0 else 0.0,
-                           complete=complete, model_id=model_id, vocabulary_id=vocab.id, stopped=stopped)
+                           complete=complete, model_id=model_id, vocabulary_id=vocab.id, stopped=stopped,
+                           listing=dataclasses.asdict(listing) if listing else {},
+                           finished_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     if complete:
         if not list_dir(join_url(cfg.output, PARTS_DIR)):
             remove_tree(join_url(cfg.output, PARTS_DIR))
         write_bytes_atomic(join_url(cfg.output, SUCCESS_MARKER), json.dumps(dataclasses.asdict(summary)).encode())
+    try:
+        append_run(cfg.output, summary, preset=cfg.preset)
+    except WriteError as exc:  # e.g. the full disk that stopped the run: its own line says what to do
+        log(f"[label] this run is not in the history: {exc}")
     for line in summary.lines():
         log(line)
     return summary
+
+
+def _all_final(output: str, plan: Plan) -> bool:
+    finals = {n for n in list_dir(output) if n.startswith("labels-") and n.endswith(".parquet")}
+    return all(final_name(s) in finals for s in range(plan.num_shards))
+
+
+def _listing_diff(cfg: LabelConfig, spec: InputSpec, plan: Plan, earlier: Plan | None,
+                  log: Callable[[str], None]) -> ListingDiff | None:
+    """An incremental run: on an output whose earlier runs are complete, list again and plan what is
+    new or changed (a new generation). An unfinished output is finished first and not listed
+    (at most one generation is in flight); None when this run did not list again."""
+    if earlier is None:  # this run made the plan: everything in it is new
+        return ListingDiff(listed=plan.total, new=plan.total, generation=0)
+    if not _all_final(cfg.output, plan):
+        log("[label] an earlier run is unfinished: finishing it (rerun afterwards to pick up inputs added since)")
+        return None
+    retire_rows(cfg.output, plan, log)
+    log(f"[label] incremental run: listing {cfg.input or cfg.manifest} again and comparing it with the plan ...")
+    diff = plan_generation(plan, spec, relabel_changed=cfg.relabel_changed, progress=log)
+    if diff.generation is not None:
+        remove_tree(join_url(cfg.output, SUCCESS_MARKER))
+        log(f"[label] generation {diff.generation}: {diff.new:,} new and {diff.changed:,} changed inputs to label, "
+            f"{diff.deleted:,} deleted")
+    return diff
+
+
+def retire_rows(output: str, plan: Plan, log: Callable[[str], None] = print) -> int:
+    """Take the rows that stopped being current out of the older shards, once every shard is final.
+
+    For each generation not yet retired, its ``_plan/retired-G.parquet`` names (uri, old shard):
+    changed inputs (their new row is in a shard of generation G, already final) and deleted ones.
+    Per old shard: the rows go to ``_superseded/gen-G/labels-N.parquet``, then ``labels-N.parquet``
+    is rewritten without them, then its plan shard; each step is a whole-file write that is skipped
+    when already done, so a kill anywhere is finished by the rerun, and readers of ``*.parquet``
+    (which skip ``_`` paths) see each current input once. Returns the number of rows retired.
+    """
+    moved = 0
+    for g, gen in enumerate(plan.generations):
+        if gen.get("retired", True):
+            continue
+        table = _read_parquet_url(plan.retire_url(g), ["uri", "shard"])
+        by_shard: dict[int, set[str]] = defaultdict(set)
+        for uri, shard in zip(table.column("uri").to_pylist(), table.column("shard").to_pylist()):
+            by_shard[shard].add(uri)
+        for shard in sorted(by_shard):
+            gone = pa.array(sorted(by_shard[shard]), pa.string())
+            final = join_url(output, final_name(shard))
+            if pc.any(pc.is_in(_read_parquet_url(final, ["uri"]).column("uri"), gone)).as_py():
+                rows = _read_parquet_url(final)
+                drop = pc.is_in(rows.column("uri"), gone)
+                old = rows.filter(drop)
+                write_bytes_atomic(join_url(output, SUPERSEDED_DIR, f"gen-{g:06d}", final_name(shard)),
+                                   table_to_parquet_bytes(old))
+                write_bytes_atomic(final, table_to_parquet_bytes(rows.filter(pc.invert(drop)),
+                                                                 row_group_size=256))
+                moved += old.num_rows
+            planned = read_plan_table(plan.shard_url(shard))
+            keep = pc.invert(pc.is_in(planned.column("uri"), gone))
+            if not pc.all(keep).as_py():
+                planned = planned.filter(keep)
+                write_bytes_atomic(plan.shard_url(shard), table_to_parquet_bytes(planned))
+            plan.shard_counts[shard] = planned.num_rows
+        gen["retired"] = True
+        plan.save()
+    if moved:
+        log(f"[label] {moved:,} rows of changed or deleted inputs moved to {join_url(output, SUPERSEDED_DIR)}")
+    return moved
+
+
+def append_run(output: str, summary: LabelSummary, preset: str) -> None:
+    """Add this run to the output's run history ``_runs.json`` (a small JSON list, rewritten whole)."""
+    url = join_url(output, RUNS_LOG)
+    runs = json.loads(read_bytes(url)) if exists(url) else []
+    d = summary.listing or {}
+    runs.append({"finished_at": summary.finished_at, "generation": d.get("generation"),
+                 "listed": d.get("listed"), "new": d.get("new"), "changed": d.get("changed"),
+                 "changed_kept": d.get("changed_kept"), "deleted": d.get("deleted"),
+                 "unchanged": d.get("unchanged"), "labeled": summary.processed, "ok": summary.ok,
+                 "errors": summary.errors, "inputs": summary.inputs_total, "complete": summary.complete,
+                 "model_id": summary.model_id, "preset": preset, "vocabulary_id": summary.vocabulary_id,
+                 "seconds": round(summary.seconds, 1)})
+    write_bytes_atomic(url, json.dumps(runs, indent=1).encode())
 
 
 def _label_items(cfg: LabelConfig, mspec: ModelSpec, vocab, plan: Plan, items: list[dict], expected: dict[int, int],

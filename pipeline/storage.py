@@ -192,13 +192,27 @@ def iter_files(
     ``extensions``: e.g. ``[".jpg", "png"]`` (case-insensitive). ``glob``: an ``fnmatch`` pattern
     matched against the path relative to ``url`` (``*`` also crosses ``/``, so ``"*.jpg"`` matches
     nested files). A URL naming a single file yields that file. Raises FileNotFoundError when nothing
-    exists at ``url``.
+    exists at ``url``. See iter_file_entries for the order and how it stays lazy.
+    """
+    for found, _version in iter_file_entries(url, extensions, glob, storage_options):
+        yield found
 
-    How it stays lazy: on S3, keys are read from the ListObjectsV2 pages (1000 keys each, in key
-    order) as the caller consumes them, so the first file is yielded after one request even under a
-    prefix holding millions of keys, and memory stays flat. Local directories are walked with
-    ``os.scandir`` one directory at a time (sorted). Other backends use ``fs.walk``, which lists one
-    directory at a time.
+
+def iter_file_entries(
+    url: str | os.PathLike,
+    extensions: Iterable[str] | None = None,
+    glob: str | None = None,
+    storage_options: dict | None = None,
+) -> Iterator[tuple[str, str | None]]:
+    """Like iter_files, with each file's *version*: a string that changes when its content does
+    (S3: ``"<size>:<ETag>"``; local: ``"<size>:<mtime_ns>"``; other backends: None, unknown).
+
+    Order: on S3 and local disks, URLs come in lexicographic (code point) order of the whole URL,
+    a total order that a merge of two listings can rely on. S3 lists keys in UTF-8 byte order
+    (the same order), page by page (1000 keys) as the caller consumes them, so memory stays flat.
+    Local directories are walked with ``os.scandir`` one directory at a time, a directory sorted
+    as ``name + "/"`` among the files (so ``a.b`` comes before ``a/c``). Other backends use
+    ``fs.walk`` (sorted per directory, not a total order).
     """
     url = os.fspath(url)
     exts = _normalise_extensions(extensions)
@@ -212,32 +226,44 @@ def iter_files(
     yield from _iter_walk(fs, url, path, exts, glob)
 
 
-def _iter_local(url: str, root: str, exts, glob) -> Iterator[str]:
+def _local_version(st: os.stat_result) -> str:
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _iter_local(url: str, root: str, exts, glob) -> Iterator[tuple[str, str | None]]:
     if os.path.isfile(root):
         if _matches(os.path.basename(root), exts, glob):
-            yield root
+            yield root, _local_version(os.stat(root))
         return
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{url}: no such file or directory")
-    stack = [root]
-    while stack:
-        current = stack.pop()
+
+    def sorted_entries(directory: str) -> Iterator[os.DirEntry]:
         try:
-            entries = sorted(os.scandir(current), key=lambda e: e.name)
+            entries = list(os.scandir(directory))
         except PermissionError:
-            continue
-        subdirs = []
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=True):
-                subdirs.append(entry.path)
-            elif entry.is_file(follow_symlinks=True):
-                rel = os.path.relpath(entry.path, root).replace(os.sep, "/")
-                if _matches(rel, exts, glob):
-                    yield entry.path
-        stack.extend(reversed(subdirs))
+            return iter(())
+        # a directory sorts as "name/": its files come exactly where their full paths sort
+        return iter(sorted(entries, key=lambda e: e.name + "/" if e.is_dir(follow_symlinks=True) else e.name))
+
+    stack = [sorted_entries(root)]  # one directory's entries per level of depth
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+        elif entry.is_dir(follow_symlinks=True):
+            stack.append(sorted_entries(entry.path))
+        elif entry.is_file(follow_symlinks=True):
+            rel = os.path.relpath(entry.path, root).replace(os.sep, "/")
+            if _matches(rel, exts, glob):
+                yield entry.path, _local_version(entry.stat(follow_symlinks=True))
 
 
-def _iter_s3(fs, url: str, path: str, exts, glob) -> Iterator[str]:
+def _s3_version(item: dict) -> str:
+    return f"{item.get('size', item.get('Size', ''))}:{str(item.get('ETag', '')).strip(chr(34))}"
+
+
+def _iter_s3(fs, url: str, path: str, exts, glob) -> Iterator[tuple[str, str | None]]:
     from fsspec.asyn import sync
 
     path = path.rstrip("/")
@@ -269,7 +295,7 @@ def _iter_s3(fs, url: str, path: str, exts, glob) -> Iterator[str]:
                 found_any = True
                 rel = name[len(bucket) + 1 + len(prefix):]
                 if _matches(rel, exts, glob):
-                    yield "s3://" + name
+                    yield "s3://" + name, _s3_version(item)
             if len(chunk) < _LIST_CHUNK:
                 break
     finally:
@@ -281,15 +307,15 @@ def _iter_s3(fs, url: str, path: str, exts, glob) -> Iterator[str]:
         # Maybe the URL names a single object rather than a prefix.
         if key and fs.isfile(path):
             if _matches(posixpath.basename(key), exts, glob):
-                yield "s3://" + path
+                yield "s3://" + path, _s3_version(fs.info(path))
             return
         raise FileNotFoundError(f"{url}: no objects under this prefix")
 
 
-def _iter_walk(fs, url: str, path: str, exts, glob) -> Iterator[str]:
+def _iter_walk(fs, url: str, path: str, exts, glob) -> Iterator[tuple[str, str | None]]:
     if fs.isfile(path):
         if _matches(posixpath.basename(path.rstrip("/")), exts, glob):
-            yield _url_for(fs, path)
+            yield _url_for(fs, path), None
         return
     if not fs.exists(path):
         raise FileNotFoundError(f"{url}: no such file or directory")
@@ -300,7 +326,7 @@ def _iter_walk(fs, url: str, path: str, exts, glob) -> Iterator[str]:
             full = f"{dirpath.rstrip('/')}/{name}"
             rel = full[len(root) + 1:] if full.startswith(root + "/") else name
             if _matches(rel, exts, glob):
-                yield _url_for(fs, full)
+                yield _url_for(fs, full), None
 
 
 def open_url(

@@ -160,7 +160,8 @@ def test_plan_is_deterministic_and_streamed(tmp_path):
     plan = build_plan(spec, str(tmp_path / "out"), shard_size=2, progress=None)
     assert plan.total == 3 and plan.num_shards == 2 and plan.shard_counts == [2, 1]
     listed = [u for s in range(plan.num_shards) for u in read_plan_shard(plan.shard_url(s))]
-    assert [Path(u).name for u in listed] == ["a.png", "z.jpg", "c.jpg"]
+    assert [Path(u).name for u in listed] == ["a.png", "c.jpg", "z.jpg"]  # lexicographic: .../b/c.jpg
+    assert listed == sorted(listed)
     again = build_plan(spec, str(tmp_path / "out"), shard_size=2, progress=None)
     assert again == plan  # reused, not rebuilt
     with pytest.raises(ValueError, match="different job"):
