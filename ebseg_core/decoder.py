@@ -139,7 +139,7 @@ class AdaBDecoder(nn.Module):
         query_pos = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)
         output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
 
-        b, c, h, w = mask_features.shape
+        h, w = mask_features.shape[-2:]
         bias_features = None
         out = DecoderOutputs([], [], [])
         n_pred = self.num_layers + 1
@@ -159,9 +159,8 @@ class AdaBDecoder(nn.Module):
             out.pred_masks.append(pred_mask)
             if all_predictions or final:
                 if bias_features is None:
-                    bias_features = self.attn_proj(mask_features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-                    bias_features = bias_features.reshape(b, self.num_clip_heads, c, h, w)
-                out.attn_biases.append(self._attn_bias(mask_embed, bias_features))
+                    bias_features = self._bias_hidden(mask_features)
+                out.attn_biases.append(self._attn_bias(mask_embed, bias_features, (h, w)))
                 out.mask_embeds.append(self._class_embedding(decoder_output, pred_mask, mask_features))
             else:
                 out.attn_biases.append(None)
@@ -173,9 +172,29 @@ class AdaBDecoder(nn.Module):
                              .flatten(0, 1) < 0.5).detach()
         return out
 
-    def _attn_bias(self, mask_embed: torch.Tensor, bias_features: torch.Tensor) -> torch.Tensor:
-        bias = torch.einsum("bqc,bnchw->bnqhw", mask_embed, bias_features)
-        return self.bias_scaling(bias[..., None]).squeeze(-1)
+    def _bias_hidden(self, mask_features: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, H*W, C]: `attn_proj` up to (not including) its last linear layer."""
+        x = mask_features.flatten(2).transpose(1, 2)
+        for layer in self.attn_proj.layers[:-1]:
+            x = F.relu(layer(x))
+        return x
+
+    def _attn_bias(self, mask_embed: torch.Tensor, hidden: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Per-head attention bias [B, heads, Q, H, W] = scaling(mask_embed . attn_proj(features)).
+
+        The last `attn_proj` layer and `bias_scaling` are linear, so they fold into per-query weights
+        (W_last^T mask_embed) and offsets: the full-resolution work is one [heads*Q, C] x [C, H*W]
+        product instead of a C -> heads*C projection of every pixel followed by the dot product.
+        """
+        last = self.attn_proj.layers[-1]
+        b, q, c = mask_embed.shape
+        heads = self.num_clip_heads
+        w_last = last.weight.reshape(heads, c, -1)  # [heads, C_out, C_in]
+        scale, shift = self.bias_scaling.weight.reshape(()), self.bias_scaling.bias.reshape(())
+        weight = torch.einsum("bqo,noi->bnqi", mask_embed, w_last) * scale
+        offset = torch.einsum("bqo,no->bnq", mask_embed, last.bias.reshape(heads, c)) * scale + shift
+        bias = torch.baddbmm(offset.reshape(b, heads * q, 1), weight.reshape(b, heads * q, -1), hidden.transpose(1, 2))
+        return bias.reshape(b, heads, q, *size)
 
     def _class_embedding(self, decoder_output, pred_mask, mask_features) -> torch.Tensor:
         """Mask-pool the pixel features with the (hard, >0) predicted mask, add the query feature,
