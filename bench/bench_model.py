@@ -89,6 +89,28 @@ def forward_gflop(model, image: np.ndarray, vocab, dtype: torch.dtype | None) ->
     return counter.get_total_flops() / 1e9
 
 
+def profile(run, title: str, rows: int = 25) -> None:
+    """Top operators by self CPU time of one forward (what to optimise next)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    print(f"profile {title}:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40))
+
+
+def use_random_text_embeddings(model, vocab, seed: int = 0) -> None:
+    """Give `vocab` random unit class embeddings in the model's text cache.
+
+    The text tower runs once per vocabulary (then cached on disk), costs minutes on 2 cores and needs
+    open_clip's tokenizer; with random weights its output is as good as random unit vectors, which
+    time the same.
+    """
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(len(vocab), model.config.clip.embed_dim, generator=g)
+    model._text_cache[vocab.id] = torch.nn.functional.normalize(emb, dim=-1).to(model.device)
+
+
 def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
 
@@ -102,10 +124,7 @@ def bench_preset(preset: str, args, norm, rates: dict) -> None:
     print(f"\n== {preset} (random weights, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
           f"built in {time.perf_counter() - t0:.1f} s)")
     vocab = Vocabulary.preset(args.vocabulary)
-    # The text tower runs once per vocabulary (then cached on disk) and costs minutes on 2 cores;
-    # with random weights its output is as good as random unit vectors, which time the same.
-    emb = torch.randn(len(vocab), model.config.clip.embed_dim, device=args.device)
-    model._text_cache[vocab.id] = torch.nn.functional.normalize(emb, dim=-1)
+    use_random_text_embeddings(model, vocab)
     norm_model, norm_input = norm
     for precision in args.precisions:
         dtype = autocast_dtype_for(precision, args.device)
@@ -114,6 +133,9 @@ def bench_preset(preset: str, args, norm, rates: dict) -> None:
             image = random_image(h, w)
             run = lambda: model.segment([image], vocab, batch_size=1, precision=precision)  # noqa: E731
             run()  # warm-up (allocator, lazy init)
+            if args.profile:
+                profile(run, f"{preset} {precision} {h}x{w}")
+                break
             ours, norms = [], []
             for _ in range(args.repeats):
                 ours.append(timed(run, args.device))
@@ -138,15 +160,16 @@ def bench_preset(preset: str, args, norm, rates: dict) -> None:
     gc.collect()
 
 
-def train_tiny(steps: int, size: int, num_classes: int, seed: int = 0):
+def train_tiny(steps: int, size: int, num_classes: int, seed: int = 0, device: str = "cpu"):
     """The tiny preset trained on blob images (each class one colour) until it labels them well."""
     from ebseg_core import Vocabulary, build_model, with_inference_settings
     from tests.corpus import blob_image
 
     torch.manual_seed(seed)
-    model = build_model("ebseg-tiny")
+    model = build_model("ebseg-tiny", device=device)
     model.config = with_inference_settings(model.config, size=size, alpha=0.0, beta=0.0, gamma=0.0)
     vocab = Vocabulary.parse(",".join(f"class{i}" for i in range(num_classes))).with_seen([True] * num_classes)
+    use_random_text_embeddings(model, vocab)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3, weight_decay=1e-4)
     model.train()
     for step in range(steps):
@@ -158,7 +181,7 @@ def train_tiny(steps: int, size: int, num_classes: int, seed: int = 0):
             images.append(torch.from_numpy(rgb).permute(2, 0, 1))
             targets.append({"labels": torch.from_numpy(classes.astype(np.int64)),
                             "masks": torch.from_numpy(np.stack([label == c for c in classes])).float()})
-        losses = model.training_losses(torch.stack(images).float(), targets, vocab)
+        losses = model.training_losses(torch.stack(images).float().to(device), targets, vocab)
         loss = sum(losses.values())
         opt.zero_grad()
         loss.backward()
@@ -205,6 +228,8 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-normaliser", dest="normaliser", action="store_false",
                    help="skip the segment-anything normaliser (no ours/official figure)")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing: profile one forward per preset/precision (first size), top ops")
     p.add_argument("--agreement", action="store_true",
                    help="train the tiny preset on blob images and report label agreement of each precision")
     p.add_argument("--train-steps", type=int, default=150)
