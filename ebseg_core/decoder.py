@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EBSegConfig
-from .pixel_decoder import MSDeformAttnPixelDecoder, PositionEmbeddingSine
+from .pixel_decoder import MSDeformAttnPixelDecoder, SinePositionEncoding
 
 
 class ChannelLayerNorm(nn.Module):
@@ -29,10 +29,9 @@ class ChannelLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        x = (x - u) / torch.sqrt(s + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
+        centred = x - x.mean(dim=1, keepdim=True)
+        variance = centred.square().mean(dim=1, keepdim=True)  # biased, like layer_norm
+        return centred * torch.rsqrt(variance + self.eps) * self.weight.view(-1, 1, 1) + self.bias.view(-1, 1, 1)
 
 
 class MLP(nn.Module):
@@ -47,7 +46,9 @@ class MLP(nn.Module):
         return x
 
 
-class SelfAttentionLayer(nn.Module):
+class QuerySelfAttention(nn.Module):
+    """Post-norm self-attention among the queries (positions added to queries and keys)."""
+
     def __init__(self, d_model: int, nhead: int):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead)
@@ -58,7 +59,9 @@ class SelfAttentionLayer(nn.Module):
         return self.norm(tgt + self.self_attn(q, k, value=tgt)[0])
 
 
-class CrossAttentionLayer(nn.Module):
+class MaskedCrossAttention(nn.Module):
+    """Post-norm cross-attention from the queries to one pixel-feature level, under a mask."""
+
     def __init__(self, d_model: int, nhead: int):
         super().__init__()
         self.multihead_attn = nn.MultiheadAttention(d_model, nhead)
@@ -69,7 +72,9 @@ class CrossAttentionLayer(nn.Module):
         return self.norm(tgt + out)
 
 
-class FFNLayer(nn.Module):
+class QueryFeedForward(nn.Module):
+    """Post-norm ReLU feed-forward block on the queries."""
+
     def __init__(self, d_model: int, dim_feedforward: int):
         super().__init__()
         self.linear1 = nn.Linear(d_model, dim_feedforward)
@@ -103,12 +108,12 @@ class AdaBDecoder(nn.Module):
         self.num_heads = d.num_heads
         self.num_layers = d.num_layers
         self.num_clip_heads = cfg.clip.vision_heads
-        self.pe_layer = PositionEmbeddingSine(hidden // 2)
+        self.pe_layer = SinePositionEncoding(hidden // 2)
         self.transformer_self_attention_layers = nn.ModuleList(
-            SelfAttentionLayer(hidden, d.num_heads) for _ in range(d.num_layers))
+            QuerySelfAttention(hidden, d.num_heads) for _ in range(d.num_layers))
         self.transformer_cross_attention_layers = nn.ModuleList(
-            CrossAttentionLayer(hidden, d.num_heads) for _ in range(d.num_layers))
-        self.transformer_ffn_layers = nn.ModuleList(FFNLayer(hidden, d.dim_feedforward) for _ in range(d.num_layers))
+            MaskedCrossAttention(hidden, d.num_heads) for _ in range(d.num_layers))
+        self.transformer_ffn_layers = nn.ModuleList(QueryFeedForward(hidden, d.dim_feedforward) for _ in range(d.num_layers))
         for layers in (self.transformer_self_attention_layers, self.transformer_cross_attention_layers,
                        self.transformer_ffn_layers):
             for p in layers.parameters():
