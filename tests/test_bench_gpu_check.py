@@ -20,7 +20,7 @@ def test_gpu_check_dry_run_prints_its_table():
         assert re.search(rf"^{re.escape(row)}\s", table, re.M), f"row {row!r} missing from:\n{table}"
     agree = float(re.search(r"trained tiny bf16 vs fp32\s+labels agree ([\d.]+)%", table).group(1))
     assert agree >= 95.0, table
-    gflop = float(re.search(r"FLOP/image \S+\s+(\d+) GFLOP", table).group(1))
+    gflop = float(re.search(r"FLOP/image \S+\s+([\d.]+) GFLOP", table).group(1))
     assert gflop > 0, table
 
 
