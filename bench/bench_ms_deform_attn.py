@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cuda_ops import ms_deform_attn_pytorch  # noqa: E402
-from cuda_ops.dispatch import BACKEND_ENV, MSDeformAttnFunction  # noqa: E402
+from cuda_ops.dispatch import BACKEND_ENV, DeformableAttentionKernel  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
             continue
         print(f"{name:9} {'pytorch':8} {py_fwd:9.3f} {py_both:11.3f} {1.0:7.2f} {1.0:10.2f} {'-':>10}")
         if on_gpu:
-            k_fwd, k_both, k_out = bench_path(MSDeformAttnFunction.apply, inputs, warmup, iters, device)
+            k_fwd, k_both, k_out = bench_path(DeformableAttentionKernel.apply, inputs, warmup, iters, device)
             diff = (k_out.float() - py_out.float()).abs().max().item()
             print(f"{name:9} {'cuda':8} {k_fwd:9.3f} {k_both:11.3f} {py_fwd / k_fwd:7.2f} "
                   f"{py_both / k_both:10.2f} {diff:10.2e}")

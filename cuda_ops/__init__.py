@@ -9,12 +9,12 @@ reference path.  ``EBSEG_MSDA_BACKEND=pytorch|cuda|auto`` forces a path;
 import os as _os
 
 from cuda_ops._pytorch import ms_deform_attn_pytorch
-from cuda_ops.dispatch import MSDeformAttnFunction, kernel_available, ms_deform_attn, selected_backend
+from cuda_ops.dispatch import DeformableAttentionKernel, kernel_available, ms_deform_attn, selected_backend
 
 __all__ = [
     "ms_deform_attn",
     "ms_deform_attn_pytorch",
-    "MSDeformAttnFunction",
+    "DeformableAttentionKernel",
     "kernel_available",
     "selected_backend",
 ]

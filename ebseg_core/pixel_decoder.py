@@ -17,30 +17,31 @@ from cuda_ops import ms_deform_attn
 from .config import PixelDecoderConfig
 
 
-class PositionEmbeddingSine(nn.Module):
-    """DETR's normalised sine positional encoding of a feature map's (y, x) grid."""
+class SinePositionEncoding(nn.Module):
+    """Fixed sine/cosine encoding of each pixel's (row, column) position, both normalised to (0, 2*pi].
 
-    def __init__(self, num_pos_feats: int, temperature: float = 10000.0):
+    Output [B, 2 * channels_per_axis, H, W]: the row encoding's channels, then the column's; within an
+    axis, channel pairs (2k, 2k+1) are (sin, cos) of position / 10000^(2k / channels_per_axis).
+    """
+
+    def __init__(self, channels_per_axis: int, temperature: float = 10000.0):
         super().__init__()
-        self.num_pos_feats = num_pos_feats
+        self.channels_per_axis = channels_per_axis
         self.temperature = temperature
-        self.scale = 2 * math.pi
+
+    def _axis(self, n: int, device) -> torch.Tensor:
+        """[n, channels_per_axis] encoding of positions 1..n along one axis."""
+        # Positions divided by (n + 1e-6) then scaled by 2*pi, in this order, as the released model.
+        pos = torch.arange(1, n + 1, dtype=torch.float32, device=device) / (n + 1e-6) * (2 * math.pi)
+        pair = torch.arange(self.channels_per_axis, dtype=torch.float32, device=device).div(2, rounding_mode="floor")
+        angles = pos[:, None] / self.temperature ** (2 * pair / self.channels_per_axis)
+        return torch.stack((angles[:, 0::2].sin(), angles[:, 1::2].cos()), dim=-1).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        ones = torch.ones((b, h, w), device=x.device, dtype=torch.float32)
-        y_embed = ones.cumsum(1)
-        x_embed = ones.cumsum(2)
-        eps = 1e-6
-        y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
-        x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
-        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=x.device)
-        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
-        pos_x = x_embed[:, :, :, None] / dim_t
-        pos_y = y_embed[:, :, :, None] / dim_t
-        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
-        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
-        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+        rows = self._axis(h, x.device).T[:, :, None].expand(-1, h, w)
+        cols = self._axis(w, x.device).T[:, None, :].expand(-1, h, w)
+        return torch.cat((rows, cols), dim=0).expand(b, -1, h, w)
 
 
 class MSDeformAttn(nn.Module):
@@ -56,14 +57,16 @@ class MSDeformAttn(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
+        """Start with every head sampling along its own compass direction, point k at distance k,
+        with uniform attention weights."""
         nn.init.zeros_(self.sampling_offsets.weight)
-        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
-        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
-        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
-        grid = grid.repeat(1, self.n_levels, self.n_points, 1)
-        grid *= torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        angle = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        direction = torch.stack([angle.cos(), angle.sin()], dim=-1)
+        direction = direction / direction.abs().amax(dim=-1, keepdim=True)  # onto the unit square
+        distance = torch.arange(1, self.n_points + 1, dtype=torch.float32)
+        offsets = direction[:, None, None, :] * distance[None, None, :, None]  # [heads, 1, points, 2]
         with torch.no_grad():
-            self.sampling_offsets.bias.copy_(grid.view(-1))
+            self.sampling_offsets.bias.copy_(offsets.expand(-1, self.n_levels, -1, -1).reshape(-1))
         nn.init.zeros_(self.attention_weights.weight)
         nn.init.zeros_(self.attention_weights.bias)
         nn.init.xavier_uniform_(self.value_proj.weight)
@@ -176,7 +179,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             nn.init.zeros_(proj[0].bias)
         self.transformer = MSDeformAttnTransformer(d, cfg.num_heads, cfg.encoder_layers, cfg.dim_feedforward,
                                                    n_levels=3, n_points=cfg.num_points)
-        self.pe_layer = PositionEmbeddingSine(d // 2)
+        self.pe_layer = SinePositionEncoding(d // 2)
         self.mask_features = nn.Conv2d(d, cfg.mask_dim, kernel_size=1)
         # One FPN level (stride 8 -> 4) on res2.
         self.adapter_1 = Conv2dNorm(in_channels, d, kernel_size=1, bias=False, norm=nn.GroupNorm(g, d))

@@ -75,7 +75,7 @@ class TTAResult:
 @torch.no_grad()
 def segment_tta(model, images: Sequence[np.ndarray], vocab, batch_size: int = 4,
                 config: TTAConfig = TTAConfig(), return_scores: bool = False,
-                autocast_dtype: torch.dtype | None = None) -> list[TTAResult]:
+                precision: str | None = None) -> list[TTAResult]:
     """Segment images averaging the class scores over scales and flips (official merge rule)."""
     images = [np.ascontiguousarray(im) for im in images]
     sums: list[torch.Tensor | None] = [None] * len(images)
@@ -84,7 +84,7 @@ def segment_tta(model, images: Sequence[np.ndarray], vocab, batch_size: int = 4,
         flips = [flip for _, flip in same_view]
         # Every view's scores come back at the original size (the official sem_seg_postprocess).
         outs = model.segment([view for view, _ in same_view], vocab, batch_size=batch_size,
-                             return_scores=True, autocast_dtype=autocast_dtype, output_sizes=sizes)
+                             return_scores=True, precision=precision, output_sizes=sizes)
         for k, out in enumerate(outs):
             s = out.scores.float()
             if flips[k]:

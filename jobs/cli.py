@@ -78,6 +78,13 @@ def non_negative_float(text: str) -> float:
     return v
 
 
+def add_precision_argument(group) -> None:
+    """The one --precision flag of segment, label and evaluate (ebseg_core.model.autocast_dtype_for)."""
+    group.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                       help="model precision: auto (bf16 on GPUs that support it, fp16 on older GPUs, fp32 on "
+                            "CPU), fp32, bf16 or fp16 (default: %(default)s; agreement figures: docs/performance.md)")
+
+
 def command_name(module_name: str) -> str:
     """CLI spelling of a module name: ``prepare_data`` -> ``prepare-data``."""
     return module_name.replace("_", "-")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs.cli import add_precision_argument
 from jobs.cli import non_negative_float as _non_negative_float
 from jobs.cli import positive_int as _positive_int
 
@@ -80,6 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "use 640). Scores are always computed at the label's full resolution")
     mod.add_argument("--inference-max-size", type=_positive_int, metavar="PX",
                      help="cap on the longer side the model sees (default: the preset's, 2560)")
+    add_precision_argument(mod)
     run_ = parser.add_argument_group("resources")
     run_.add_argument("--num-actors", type=_positive_int, metavar="N",
                       help="model replicas (default: one per GPU, else 1)")
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                 num_gpus_per_actor=args.num_gpus_per_actor, num_cpus_per_actor=args.num_cpus_per_actor,
                 batch_size=args.batch_size, tta=args.tta, out=args.out, limit=args.limit,
                 inference_size=args.inference_size, inference_max_size=args.inference_max_size,
-                class_names_file=args.class_names_file, predictor=args.predictor, torch_threads=args.torch_threads,
+                precision=args.precision, class_names_file=args.class_names_file, predictor=args.predictor, torch_threads=args.torch_threads,
             )
             report = run_evaluation(cfg)
     except EvaluateError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs.cli import add_precision_argument
 from jobs.cli import non_negative_float as _non_negative_float
 from jobs.cli import positive_int as _positive_int
 
@@ -89,6 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "original image size")
     mod.add_argument("--inference-max-size", type=_positive_int, metavar="PIXELS",
                      help="cap on the longer side the model sees (default: the preset's, 2560)")
+    add_precision_argument(mod)
     run = parser.add_argument_group("resources")
     run.add_argument("--num-actors", type=_positive_int, metavar="N", help="model replicas (default: one per GPU "
                      "of the cluster, else 1)")
@@ -135,7 +137,7 @@ def config_from_args(args: argparse.Namespace):
         num_actors=args.num_actors, num_gpus_per_actor=args.num_gpus_per_actor,
         num_cpus_per_actor=args.num_cpus_per_actor, actor_resources=dict(args.actor_resource),
         batch_size=args.batch_size, inference_size=args.inference_size,
-        inference_max_size=args.inference_max_size, shard_size=args.shard_size, max_pixels=args.max_pixels,
+        inference_max_size=args.inference_max_size, precision=args.precision, shard_size=args.shard_size, max_pixels=args.max_pixels,
         max_bytes=args.max_bytes, read_retries=args.read_retries, progress_interval_s=args.progress_interval,
         progress_bars=args.progress_bars, retry_errors=tuple(args.retry_errors),
         relabel_changed=args.relabel_changed,

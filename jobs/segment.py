@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.cli import UsageError, positive_int
+from jobs.cli import UsageError, add_precision_argument, positive_int
 
 EPILOG = """\
 examples:
@@ -52,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mod.add_argument("--inference-size", type=positive_int, metavar="PIXELS",
                      help="shorter side the model sees (default: the checkpoint's, else the preset's 640); "
                           "labels are always at the image's size")
+    add_precision_argument(mod)
     mod.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda if available)")
     parser.add_argument("--batch-size", type=positive_int, default=2, metavar="B", help="images per model call (default: %(default)s)")
 
@@ -138,8 +139,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = model.segment(images, vocab, batch_size=args.batch_size,
-                            autocast_dtype=torch.bfloat16 if device.startswith("cuda") else None)
+    results = model.segment(images, vocab, batch_size=args.batch_size, precision=args.precision)
     for path, img, res in zip(args.images, images, results):
         stem = Path(path).stem
         label = res.label_map.numpy()

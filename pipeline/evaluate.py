@@ -60,6 +60,7 @@ class EvalConfig:
     limit: int | None = None
     inference_size: int | None = None
     inference_max_size: int | None = None
+    precision: str = "auto"  # ebseg_core.model.autocast_dtype_for
     class_names_file: str | None = None  # replace the benchmark's class list (one dataset only)
     predictor: str = "model"  # "ground-truth": predicts the label itself (checks data + evaluator = 100)
     torch_threads: int = 0
@@ -186,19 +187,15 @@ class Scorer:
         if self.model is None:  # ground-truth predictor: the label itself, ignored pixels -> class 0
             ign = self.specs[dataset].ignore_label
             return [np.where(lab == ign, 0, lab).astype(np.int64) for lab in labels]
-        torch = self.torch
-        amp = None
-        if self.device.type == "cuda":
-            amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        with torch.inference_mode():
+        with self.torch.inference_mode():
             if self.cfg.tta:
                 from ebseg_core.tta import segment_tta
 
                 outs = segment_tta(self.model, images, self.vocabs[dataset], batch_size=self.cfg.batch_size,
-                                   autocast_dtype=amp)
+                                   precision=self.cfg.precision)
             else:
                 outs = self.model.segment(images, self.vocabs[dataset], batch_size=self.cfg.batch_size,
-                                          autocast_dtype=amp)
+                                          precision=self.cfg.precision)
         return [o.label_map.cpu().numpy() for o in outs]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -115,6 +115,7 @@ class LabelConfig:
     batch_size: int = 8
     inference_size: int | None = None  # shorter side the model sees; default: the preset's (640)
     inference_max_size: int | None = None
+    precision: str = "auto"  # ebseg_core.model.autocast_dtype_for
     shard_size: int = 1000
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
@@ -348,6 +349,7 @@ class ModelSpec:
     torch_threads: int = 0  # see pipeline.resources.actor_torch_threads
     inference_size: int | None = None
     inference_max_size: int | None = None
+    precision: str = "auto"
 
     def config(self):
         """The preset's config (with the checkpoint's inference settings) and the inference-size overrides."""
@@ -400,12 +402,9 @@ class Labeler:
             os._exit(1)
 
     def _segment(self, images: list[np.ndarray]) -> list:
-        torch = self.torch
-        amp = None
-        if self.device.type == "cuda":  # mixed precision on GPU; segment() casts the outputs back to float32
-            amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        with torch.inference_mode():
-            return self.model.segment(images, self.vocab, batch_size=self.spec.batch_size, autocast_dtype=amp)
+        with self.torch.inference_mode():
+            return self.model.segment(images, self.vocab, batch_size=self.spec.batch_size,
+                                      precision=self.spec.precision)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.calls += 1
@@ -849,7 +848,8 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print) -> LabelSumm
     vocab = load_vocabulary(cfg)
     vocab = checkpoint.vocabulary_for(vocab) if checkpoint else vocab
     mspec = ModelSpec(preset=cfg.preset, checkpoint=checkpoint, batch_size=cfg.batch_size,
-                      inference_size=cfg.inference_size, inference_max_size=cfg.inference_max_size)
+                      inference_size=cfg.inference_size, inference_max_size=cfg.inference_max_size,
+                      precision=cfg.precision)
     try:
         mspec.config()
     except (KeyError, ValueError, TypeError) as exc:

@@ -212,7 +212,7 @@ def test_autograd_function_glue_with_fake_extension(monkeypatch):
     loc = loc.double().requires_grad_(True)
     attn = attn.to(torch.bfloat16).requires_grad_(True)
     value.requires_grad_(True)
-    out = cuda_ops.MSDeformAttnFunction.apply(value, ss.int(), lsi.int(), loc, attn)
+    out = cuda_ops.DeformableAttentionKernel.apply(value, ss.int(), lsi.int(), loc, attn)
     assert out.dtype == torch.bfloat16 and out.shape == (1, 7, 8)
     out.float().sum().backward()
     assert fake.calls == ["forward", "backward"]

@@ -213,10 +213,31 @@ def test_autocast_bfloat16_stays_close_to_float32():
     vocab = Vocabulary.parse("a,b,c").with_seen([True, False, True])
     images = [blob_image(100, 120, seed=s, num_classes=3)[0] for s in (7, 8)]
     full = model.segment(images, vocab, return_scores=True)
-    half = model.segment(images, vocab, return_scores=True, autocast_dtype=torch.bfloat16)
+    half = model.segment(images, vocab, return_scores=True, precision="bf16")
     for a, b in zip(full, half):
         assert b.scores.dtype == torch.float32
         # bfloat16 keeps ~3 significant digits: scores agree to autocast noise, labels almost everywhere.
         relative = float((a.scores - b.scores).abs().mean() / a.scores.abs().mean())
         assert relative < 0.02, relative
         assert float((a.label_map == b.label_map).float().mean()) > 0.9
+
+
+def test_precision_choice_maps_to_autocast():
+    from ebseg_core.model import autocast_dtype_for
+
+    assert autocast_dtype_for("fp32", "cpu") is None
+    assert autocast_dtype_for("bf16", "cpu") is torch.bfloat16
+    assert autocast_dtype_for("fp16", "cuda") is torch.float16
+    assert autocast_dtype_for(None, "cpu") is None  # CPU default: fp32
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        autocast_dtype_for("fp8", "cpu")
+    model = _tiny()
+    vocab = Vocabulary.parse("a,b")
+    image = blob_image(64, 80, seed=3, num_classes=2)[0]
+    by_name = model.segment([image], vocab, return_scores=True, precision="bf16")[0]
+    full = model.segment([image], vocab, return_scores=True, precision="fp32")[0]
+    default = model.segment([image], vocab, return_scores=True)[0]  # auto: fp32 on CPU
+    torch.testing.assert_close(default.scores, full.scores, rtol=0, atol=0)
+    assert not torch.equal(by_name.scores, full.scores)  # bf16 really ran
+    scores = model.forward_eval([model.prepare_image(image)], vocab, precision="bf16")[0]
+    assert scores.dtype == torch.float32
