@@ -1,14 +1,30 @@
 """EBSeg (CVPR 2024) in plain PyTorch: open-vocabulary semantic segmentation with image-embedding
-balancing. No Ray and no detectron2 here; see `pipeline/` for the Ray side."""
+balancing. No Ray and no detectron2 here; see `pipeline/` for the Ray side.
 
-from .checkpoint import (CheckpointError, build_model, load_ebseg_state_dict, load_open_clip_weights,
-                         load_sam_weights, read_state_dict)
-from .config import EBSegConfig, config_from_fixture, preset_config, with_inference_settings
-from .model import EBSeg, Segmentation
-from .vocabulary import Vocabulary, VocabularyError
+The names below are imported on first use, so that light modules (``ebseg_core.errors``,
+``ebseg_core.vocabulary``) load without torch and ``ebseg --help`` stays fast.
+"""
 
-__all__ = [
-    "EBSeg", "EBSegConfig", "Segmentation", "Vocabulary", "VocabularyError", "CheckpointError",
-    "build_model", "preset_config", "with_inference_settings", "config_from_fixture", "load_ebseg_state_dict",
-    "load_open_clip_weights", "load_sam_weights", "read_state_dict",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "CheckpointError": "checkpoint", "build_model": "checkpoint", "load_ebseg_state_dict": "checkpoint",
+    "load_open_clip_weights": "checkpoint", "load_sam_weights": "checkpoint", "read_state_dict": "checkpoint",
+    "resolve_checkpoint": "checkpoint",
+    "EBSegConfig": "config", "config_from_fixture": "config", "preset_config": "config",
+    "with_inference_settings": "config",
+    "EBSeg": "model", "Segmentation": "model",
+    "Vocabulary": "vocabulary", "VocabularyError": "vocabulary",
+    "UserError": "errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ebseg_core' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

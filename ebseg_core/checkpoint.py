@@ -20,12 +20,13 @@ import torch
 from .config import EBSegConfig, preset_config, with_inference_settings
 from .model import EBSeg
 from .vocabulary import Vocabulary
+from .errors import UserError
 
 # Constant buffers of the official model that we do not keep as state.
 IGNORED_OFFICIAL_KEYS = ("criterion.empty_weight",)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint does not fit the model; the message names the keys."""
 
 

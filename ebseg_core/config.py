@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import UserError
+
 # OpenAI CLIP normalisation (x255 because the model takes 0..255 RGB), and SAM's.
 CLIP_PIXEL_MEAN = (122.7709383, 116.7460125, 104.09373615)
 CLIP_PIXEL_STD = (68.5005327, 66.6321579, 70.32316305)
@@ -127,11 +129,11 @@ class CriterionConfig:
 
     def __post_init__(self) -> None:
         if self.oversample_ratio < 1:
-            raise ValueError(f"oversample_ratio must be >= 1, got {self.oversample_ratio}")
+            raise UserError(f"oversample_ratio must be >= 1, got {self.oversample_ratio}")
         if not 0.0 <= self.importance_sample_ratio <= 1.0:
-            raise ValueError(f"importance_sample_ratio must be in [0, 1], got {self.importance_sample_ratio}")
+            raise UserError(f"importance_sample_ratio must be in [0, 1], got {self.importance_sample_ratio}")
         if self.num_points < 1 or self.matcher_num_points < 1:
-            raise ValueError("num_points and matcher_num_points must be positive")
+            raise UserError("num_points and matcher_num_points must be positive")
 
 
 @dataclass
@@ -189,14 +191,14 @@ class EBSegConfig:
         if len(self.sam.global_attn_indexes) != 4:
             problems.append("sam.global_attn_indexes must name 4 blocks (res2..res5)")
         if problems:
-            raise ValueError("invalid EBSeg config: " + "; ".join(problems))
+            raise UserError("invalid EBSeg config: " + "; ".join(problems))
 
 
 def _build_dataclass(cls, values: dict[str, Any]):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        raise UserError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
     fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return cls(**fixed)
 
@@ -244,7 +246,7 @@ def preset_config(name: str) -> EBSegConfig:
     try:
         return PRESETS[name]()
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+        raise UserError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
 
 def with_inference_settings(cfg: EBSegConfig, size: int | None = None, max_size: int | None = None,
@@ -267,11 +269,11 @@ def with_inference_settings(cfg: EBSegConfig, size: int | None = None, max_size:
     for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
         if value is not None:
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"inference {name} must be in [0, 1], got {value}")
+                raise UserError(f"inference {name} must be in [0, 1], got {value}")
             changes[name] = value
     a, b, g = changes.get("alpha", cfg.alpha), changes.get("beta", cfg.beta), changes.get("gamma", cfg.gamma)
     if a + g > 1.0 or b + g > 1.0:
-        raise ValueError(f"inference weights alpha={a}, beta={b}, gamma={g}: alpha+gamma and beta+gamma must be <= 1")
+        raise UserError(f"inference weights alpha={a}, beta={b}, gamma={g}: alpha+gamma and beta+gamma must be <= 1")
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 

@@ -29,10 +29,11 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from .errors import UserError
 
 BOUNDARY_DILATION_RATIO = 0.02
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError):
     """Inputs that cannot be scored: shape mismatch, class ids out of range."""
 
 

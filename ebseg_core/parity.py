@@ -35,12 +35,13 @@ from .checkpoint import load_ebseg_state_dict
 from .config import config_from_fixture
 from .model import EBSeg
 from .vocabulary import Vocabulary
+from .errors import UserError
 
 REQUIRED = ("config.json", "weights.safetensors", "inputs.safetensors", "vocab.json", "eval_outputs.safetensors")
 OUTPUT_SIZE_KEY = "eval_output_hw"  # config.json inputs key prefix; the shipped fixture's key has a suffix
 
 
-class FixtureError(ValueError):
+class FixtureError(UserError):
     pass
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+from .errors import UserError
 
 __all__ = [
     "AugmentConfig",
@@ -66,7 +67,7 @@ def ignore_label_for(num_classes: int) -> int:
     return IGNORE_LABEL if num_classes <= 255 else IGNORE_LABEL_16BIT
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A problem with the training data; the message names the file and what to do."""
 
 
@@ -88,11 +89,11 @@ class AugmentConfig:
         self.min_sizes = tuple(int(s) for s in self.min_sizes)
         self.crop_size = tuple(int(s) for s in self.crop_size)
         if not self.min_sizes or min(self.min_sizes) < 1:
-            raise ValueError(f"min_sizes must be positive sizes, got {self.min_sizes}")
+            raise UserError(f"min_sizes must be positive sizes, got {self.min_sizes}")
         if self.crop_enabled and max(self.crop_size) > self.pad_size:
-            raise ValueError(f"crop_size {self.crop_size} is larger than pad_size {self.pad_size}")
+            raise UserError(f"crop_size {self.crop_size} is larger than pad_size {self.pad_size}")
         if self.pad_size % 32:
-            raise ValueError(f"pad_size must be a multiple of 32 (the model's size divisibility), got {self.pad_size}")
+            raise UserError(f"pad_size must be a multiple of 32 (the model's size divisibility), got {self.pad_size}")
 
 
 @dataclass(frozen=True)

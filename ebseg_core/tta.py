@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .errors import UserError
 from PIL import Image
 
 from .model import resized_shape
@@ -33,9 +35,9 @@ class TTAConfig:
 
     def __post_init__(self):
         if not self.min_sizes or any(int(s) <= 0 for s in self.min_sizes):
-            raise ValueError(f"TTA sizes must be positive integers, got {self.min_sizes}")
+            raise UserError(f"TTA sizes must be positive integers, got {self.min_sizes}")
         if self.max_size < max(self.min_sizes):
-            raise ValueError(f"TTA max size {self.max_size} is below the largest scale {max(self.min_sizes)}")
+            raise UserError(f"TTA max size {self.max_size} is below the largest scale {max(self.min_sizes)}")
 
     @property
     def num_views(self) -> int:

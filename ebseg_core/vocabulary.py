@@ -13,6 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from .errors import UserError
 
 MAX_CLASSES = 5000  # the text classifier and per-pixel scores grow with C; beyond this, split the vocabulary
 
@@ -26,7 +27,7 @@ _PRESET_ALIASES = {
 }
 
 
-class VocabularyError(ValueError):
+class VocabularyError(UserError):
     """A vocabulary a user gave is unusable; the message says why."""
 
 

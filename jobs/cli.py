@@ -6,7 +6,7 @@ command runs, so ``ebseg --help`` is fast and does not load torch or Ray; a modu
 is simply not listed. ``python -m jobs.<name>`` behaves exactly like ``ebseg <name>`` through
 :func:`module_main`.
 
-User mistakes (``UsageError``, ``ValueError``, ``FileNotFoundError`` raised while a command runs) print
+User mistakes (``ebseg_core.errors.UserError``, e.g. ``UsageError``, and ``FileNotFoundError`` raised while a command runs) print
 ``ebseg <command>: error: <message>`` and exit with status 2, without a traceback. Set
 ``EBSEG_DEBUG=1`` to get the traceback instead.
 """
@@ -21,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
+from ebseg_core.errors import UserError
 
 # Subcommands, in the order `ebseg --help` lists them (the order of a typical workflow).
 SUBCOMMANDS: tuple[str, ...] = (
@@ -49,11 +50,12 @@ Set EBSEG_DEBUG=1 to see a traceback instead of a one-line error.
 """
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A mistake of the user's (bad flag combination, missing input): printed without a traceback."""
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (UsageError, ValueError, FileNotFoundError)
+# A plain ValueError is a bug somewhere and keeps its traceback; user mistakes raise a UserError.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)
 
 
 def positive_int(text: str) -> int:

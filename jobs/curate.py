@@ -282,10 +282,10 @@ def run(args: argparse.Namespace) -> int:
             return _cmd_query(ds, args)
         return _cmd_export(ds, args)
     except (C.CurationError, LabelSchemaError, FileNotFoundError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"ebseg curate: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # storage unreachable, credentials, full disk
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"ebseg curate: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
 
 

@@ -24,6 +24,7 @@ import pyarrow.dataset as pads
 
 from pipeline import schema as S
 from pipeline.storage import filesystem_for, read_bytes
+from ebseg_core.errors import UserError
 
 LIGHT_COLUMNS = [
     "image_id", "uri", "status", "error_kind", "error", "width", "height", "classes",
@@ -32,7 +33,7 @@ LIGHT_COLUMNS = [
 HEAVY_COLUMNS = ["image_id", "uri", "width", "height", "label_png", "confidence_png", "classes"]
 
 
-class CurationError(ValueError):
+class CurationError(UserError):
     """A user mistake in a curation request (unknown class, bad bound, ...); message says how to fix it."""
 
 

@@ -29,6 +29,7 @@ from ebseg_core.data import Benchmark, BenchmarkError, get_benchmark, list_pairs
 from ebseg_core.vocabulary import Vocabulary, VocabularyError
 from ebseg_core.evaluation import SemSegEvaluator, detectron2_style, mean_defined
 from pipeline.resources import actor_torch_threads, set_torch_threads
+from ebseg_core.errors import UserError
 
 #: Column titles of the printed table (the README's order: A-847, PC-459, A-150, PC-59, VOC).
 DISPLAY = {"ade847": "A-847", "pc459": "PC-459", "ade150": "A-150", "pc59": "PC-59", "voc20": "VOC",
@@ -36,7 +37,7 @@ DISPLAY = {"ade847": "A-847", "pc459": "PC-459", "ade150": "A-150", "pc59": "PC-
 PREDICTORS = ("model", "ground-truth")
 
 
-class EvaluateError(RuntimeError):
+class EvaluateError(UserError):
     """A user-facing failure of an evaluation run (printed without a traceback by the CLI)."""
 
 

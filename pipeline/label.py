@@ -70,6 +70,7 @@ from pipeline.listing import (
     table_to_parquet_bytes,
     write_bytes_atomic,
 )
+from ebseg_core.errors import UserError
 
 if TYPE_CHECKING:
     from ebseg_core.checkpoint import ResolvedCheckpoint
@@ -85,7 +86,7 @@ TEST_EXIT_ENV = "EBSEG_TEST_ACTOR_EXIT_AT_BATCH"  # TEST ONLY: "N:/path/marker" 
 STATUS_DEFERRED = "deferred"
 
 
-class LabelError(RuntimeError):
+class LabelError(UserError):
     """A problem the user can fix (bad flags, unreachable storage, mismatched output); printed without a traceback."""
 
 

@@ -28,6 +28,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence, TypeVar
+from ebseg_core.errors import UserError
 
 T = TypeVar("T")
 
@@ -40,7 +41,7 @@ PLAN_MARKER = "plan.json"
 PLAN_VERSION = 1
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """A user mistake about the input (nothing there, unreachable, unreadable manifest): message says what to do."""
 
 

@@ -45,6 +45,7 @@ from PIL import Image
 
 from ebseg_core.data import get_benchmark
 from ebseg_core.data.ade847_ids import ADE847_ADE20K_IDS
+from ebseg_core.errors import UserError
 
 #: COCO category ids of the 171 COCO-Stuff classes, in class order (80 things, then 91 stuff).
 COCO_THING_IDS_MISSING = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
@@ -63,7 +64,7 @@ PC59_DETAIL_IDS = (
 ADE847_SHORT_SIDE = 512
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError):
     """The raw input is not what the conversion expects (wrong folder, wrong label format)."""
 
 

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 from PIL import Image
+from ebseg_core.errors import UserError
 
 SCHEMA_VERSION = 1
 
@@ -82,7 +83,7 @@ COLUMNS = [f.name for f in _FIELDS]
 REQUIRED_COLUMNS = ["image_id", "uri", "status", "width", "height", "label_png", "classes"]
 
 
-class LabelSchemaError(ValueError):
+class LabelSchemaError(UserError):
     """A file or table is not a label Parquet this code can read (message says why and what to do)."""
 
 

@@ -24,6 +24,8 @@ from urllib.parse import urlparse
 
 import fsspec
 
+from ebseg_core.errors import UserError
+
 # Backends users most often need, named in the error raised for an unknown scheme.
 _BACKEND_HINTS = {
     "s3": "s3fs",
@@ -79,14 +81,14 @@ def filesystem_for(
     except (ImportError, ValueError) as e:
         known = scheme in fsspec.available_protocols()
         if known and not isinstance(e, ImportError):
-            raise ValueError(f"cannot open {url!r}: {e}") from e
+            raise UserError(f"cannot open {url!r}: {e}") from e
         pkg = _BACKEND_HINTS.get(scheme)
         hint = (
             f"install its fsspec backend: pip install {pkg}"
             if pkg
             else "install the fsspec backend for that scheme (see fsspec's list of implementations)"
         )
-        raise ValueError(f"no filesystem for {scheme}:// URLs ({url!r}); {hint}") from e
+        raise UserError(f"no filesystem for {scheme}:// URLs ({url!r}); {hint}") from e
     return fs, path
 
 

@@ -40,6 +40,7 @@ import torch
 from ebseg_core.checkpoint import META_FILE, TRAIN_STATE_FILE, WEIGHTS_FILE, CheckpointError, save_weights
 from ebseg_core.config import CriterionConfig
 from ebseg_core.train_data import AugmentConfig, DatasetError, DatasetSpec, list_dataset, read_sample
+from ebseg_core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A training config a user wrote is wrong; the message says which key and why."""
 
 

@@ -19,17 +19,20 @@ PROBE = '''\
 import argparse
 
 from jobs.cli import UsageError
+from ebseg_core.vocabulary import VocabularyError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", choices=["ok", "usage", "value", "missing", "bug", "code"], required=True)
+    parser.add_argument("--mode", choices=["ok", "usage", "value", "plain-value", "missing", "bug", "code"], required=True)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.mode == "usage":
         raise UsageError("give --input or --manifest")
     if args.mode == "value":
-        raise ValueError("vocabulary is empty")
+        raise VocabularyError("vocabulary is empty")
+    if args.mode == "plain-value":
+        raise ValueError("a bug's ValueError")
     if args.mode == "missing":
         raise FileNotFoundError("s3://bucket/nope.jpg: no such file")
     if args.mode == "bug":
@@ -102,6 +105,8 @@ def test_debug_env_shows_traceback(probe_command, monkeypatch):
 def test_bugs_are_not_hidden(probe_command):
     with pytest.raises(RuntimeError, match="internal failure"):
         cli.main([probe_command, "--mode", "bug"])
+    with pytest.raises(ValueError, match="a bug's ValueError"):  # only UserError is a user's mistake
+        cli.main([probe_command, "--mode", "plain-value"])
 
 
 def test_argparse_errors_name_the_command(probe_command, capsys):

@@ -26,6 +26,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from ..errors import UserError
 
 CLASS_NAMES_DIR = Path(__file__).resolve().parent / "class_names"
 
@@ -33,7 +34,7 @@ CLASS_NAMES_DIR = Path(__file__).resolve().parent / "class_names"
 CLASS_LIST_KEYS = ("coco171", "ade150", "ade847", "pc59", "pc459", "voc20")
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserError):
     """A user mistake about a benchmark: unknown name, wrong root, malformed class-name file."""
 
 
