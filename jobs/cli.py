@@ -80,8 +80,22 @@ def non_negative_float(text: str) -> float:
     return v
 
 
-def add_precision_argument(group) -> None:
-    """The one --precision flag of segment, label and evaluate (ebseg_core.model.autocast_dtype_for)."""
+def add_model_arguments(group, random_weights_help: str) -> None:
+    """The model flags of segment, label and evaluate: which weights, architecture, input size, precision."""
+    group.add_argument("--checkpoint", metavar="PATH_OR_URL",
+                       help="EBSeg weights: an official .pth, or of `ebseg train` a run directory (its latest "
+                            "checkpoint), a checkpoint directory or its model.safetensors; local, s3:// or https://")
+    group.add_argument("--best-checkpoint", action="store_true",
+                       help="with a run directory: its checkpoint with the best validation mIoU instead of the latest")
+    group.add_argument("--preset", default=None,
+                       help="model architecture: ebseg-b, ebseg-l, ebseg-tiny (default: from the checkpoint's "
+                            "metadata or shapes; ebseg-b with --random-weights)")
+    group.add_argument("--random-weights", action="store_true", help=random_weights_help)
+    group.add_argument("--inference-size", type=positive_int, metavar="PIXELS",
+                       help="shorter side the model sees (default: the checkpoint's, else the preset's 640); "
+                            "smaller is faster and coarser. Results are always at the image's own size")
+    group.add_argument("--inference-max-size", type=positive_int, metavar="PIXELS",
+                       help="cap on the longer side the model sees (default: the preset's, 2560)")
     group.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                        help="model precision: auto (bf16 on GPUs that support it, fp16 on older GPUs, fp32 on "
                             "CPU), fp32, bf16 or fp16 (default: %(default)s; agreement figures: docs/performance.md)")

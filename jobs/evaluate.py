@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.cli import add_precision_argument
+from jobs.cli import add_model_arguments
 from jobs.cli import non_negative_float as _non_negative_float
 from jobs.cli import positive_int as _positive_int
 
@@ -60,28 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="evaluate this label Parquet (from `ebseg label`) instead of running a model; "
                            "rows are matched to ground truth by image file name")
     mod = parser.add_argument_group("model")
-    mod.add_argument("--checkpoint", metavar="PATH_OR_URL",
-                     help="EBSeg weights: an official .pth, a model.safetensors of ours, a checkpoint directory or "
-                          "a training run directory (its latest checkpoint); local or s3://")
-    mod.add_argument("--best-checkpoint", action="store_true",
-                     help="with a run directory: its checkpoint with the best validation mIoU instead of the latest")
-    mod.add_argument("--preset", default=None,
-                     help="model architecture: ebseg-b, ebseg-l, ebseg-tiny (default: from the checkpoint; "
-                          "ebseg-b with --random-weights)")
-    mod.add_argument("--random-weights", action="store_true",
-                     help="no checkpoint: untrained model, for timing and smoke tests only")
+    add_model_arguments(mod, "no checkpoint: untrained model, for timing and smoke tests only")
     mod.add_argument("--predictor", choices=["model", "ground-truth"], default="model",
                      help="'ground-truth' predicts each label itself (a check of data and evaluator: "
                           "must give 100); default: %(default)s")
     mod.add_argument("--tta", action="store_true",
                      help="official test-time augmentation: short side 320..1120 in 6 scales, each also "
                           "flipped, class scores averaged (about 12x the compute)")
-    mod.add_argument("--inference-size", type=_positive_int, metavar="PX",
-                     help="short side the model sees (default: the preset's, 640; the paper's numbers "
-                          "use 640). Scores are always computed at the label's full resolution")
-    mod.add_argument("--inference-max-size", type=_positive_int, metavar="PX",
-                     help="cap on the longer side the model sees (default: the preset's, 2560)")
-    add_precision_argument(mod)
     run_ = parser.add_argument_group("resources")
     run_.add_argument("--num-actors", type=_positive_int, metavar="N",
                       help="model replicas (default: one per GPU, else 1)")

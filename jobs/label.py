@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.cli import add_precision_argument
+from jobs.cli import add_model_arguments
 from jobs.cli import non_negative_float as _non_negative_float
 from jobs.cli import positive_int as _positive_int
 
@@ -78,19 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     voc.add_argument("--vocabulary-preset", metavar="NAME", help="a benchmark class set: coco171, ade150, ade847, "
                      "pc59, pc459, voc20")
     mod = parser.add_argument_group("model")
-    mod.add_argument("--checkpoint", metavar="PATH_OR_URL", help="EBSeg weights: an official .pth, or of `ebseg "
-                     "train` a run directory (its latest checkpoint), a checkpoint directory or its "
-                     "model.safetensors; local, s3:// or https://")
-    mod.add_argument("--preset", default=None, help="model architecture: ebseg-b, ebseg-l, ebseg-tiny (default: "
-                     "from the checkpoint's metadata or shapes; ebseg-b with --random-weights)")
-    mod.add_argument("--random-weights", action="store_true", help="run without a checkpoint (untrained model: "
-                     "labels are MEANINGLESS; for testing the pipeline only)")
-    mod.add_argument("--inference-size", type=_positive_int, metavar="PIXELS", help="shorter side the model sees "
-                     "(default: the preset's, 640); smaller is faster and coarser. Labels are always at the "
-                     "original image size")
-    mod.add_argument("--inference-max-size", type=_positive_int, metavar="PIXELS",
-                     help="cap on the longer side the model sees (default: the preset's, 2560)")
-    add_precision_argument(mod)
+    add_model_arguments(mod, "run without a checkpoint (untrained model: labels are MEANINGLESS; for testing "
+                             "the pipeline only)")
     run = parser.add_argument_group("resources")
     run.add_argument("--num-actors", type=_positive_int, metavar="N", help="model replicas (default: one per GPU "
                      "of the cluster, else 1)")
@@ -133,7 +122,8 @@ def config_from_args(args: argparse.Namespace):
     return LabelConfig(
         output=args.output, input=args.input, manifest=args.manifest, extensions=extensions, glob=args.glob,
         vocabulary=args.vocabulary, vocabulary_file=args.vocabulary_file, vocabulary_preset=args.vocabulary_preset,
-        preset=args.preset, checkpoint=args.checkpoint, random_weights=args.random_weights,
+        preset=args.preset, checkpoint=args.checkpoint, best_checkpoint=args.best_checkpoint,
+        random_weights=args.random_weights,
         num_actors=args.num_actors, num_gpus_per_actor=args.num_gpus_per_actor,
         num_cpus_per_actor=args.num_cpus_per_actor, actor_resources=dict(args.actor_resource),
         batch_size=args.batch_size, inference_size=args.inference_size,

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.cli import UsageError, add_precision_argument, positive_int
+from jobs.cli import UsageError, add_model_arguments, positive_int
 
 EPILOG = """\
 examples:
@@ -38,21 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "or name the prompt before '|': 'road, route|road;street')")
     voc.add_argument("--vocabulary-preset", metavar="NAME", help="coco171, ade150, ade847, pc59, pc459 or voc20")
     mod = parser.add_argument_group("model")
-    mod.add_argument("--checkpoint", metavar="PATH_OR_URL",
-                     help="EBSeg weights: an official .pth, a model.safetensors of ours, a checkpoint directory or "
-                          "a training run directory (its latest checkpoint); local or a URL (s3://...)")
-    mod.add_argument("--best-checkpoint", action="store_true",
-                     help="with a run directory: its checkpoint with the best validation mIoU instead of the latest")
-    mod.add_argument("--preset", default=None,
-                     help="architecture: ebseg-b, ebseg-l, ebseg-tiny (default: from the checkpoint; ebseg-b with "
-                          "--random-weights)")
-    mod.add_argument("--random-weights", action="store_true",
-                     help="run an untrained model, the same on every run (labels are MEANINGLESS; for trying "
-                          "the tool only)")
-    mod.add_argument("--inference-size", type=positive_int, metavar="PIXELS",
-                     help="shorter side the model sees (default: the checkpoint's, else the preset's 640); "
-                          "labels are always at the image's size")
-    add_precision_argument(mod)
+    add_model_arguments(mod, "run an untrained model, the same on every run (labels are MEANINGLESS; for trying "
+                             "the tool only)")
     mod.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda if available)")
     parser.add_argument("--batch-size", type=positive_int, default=2, metavar="B", help="images per model call (default: %(default)s)")
 
@@ -123,13 +110,14 @@ def run(args: argparse.Namespace) -> int:
     images = [_decode(p) for p in args.images]
     if args.checkpoint:
         checkpoint = resolve_checkpoint(args.checkpoint, preset=args.preset, best=args.best_checkpoint)
-        config = checkpoint.model_config(args.inference_size)
+        config = checkpoint.model_config(args.inference_size, args.inference_max_size)
         vocab = checkpoint.vocabulary_for(vocab)
         print(f"checkpoint: {checkpoint.describe()}", file=sys.stderr)
     else:
         print("WARNING: --random-weights: the model is UNTRAINED, the labels below are MEANINGLESS.", file=sys.stderr)
         checkpoint = None
-        config = with_inference_settings(preset_config(args.preset or "ebseg-b"), args.inference_size)
+        config = with_inference_settings(preset_config(args.preset or "ebseg-b"), args.inference_size,
+                                         args.inference_max_size)
         torch.manual_seed(0)  # the same untrained model on every run (as `ebseg label --random-weights`)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(config, checkpoint=checkpoint, device=device)

@@ -109,6 +109,7 @@ class LabelConfig:
     vocabulary_preset: str | None = None
     preset: str | None = None  # None: from the checkpoint's metadata or shapes (ebseg-b with random weights)
     checkpoint: str | None = None  # weights file, checkpoint directory or training run directory
+    best_checkpoint: bool = False  # a run directory's best-validated checkpoint instead of its latest
     random_weights: bool = False
     num_actors: int | None = None  # default: one per GPU, else 1
     num_gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
@@ -772,7 +773,7 @@ def _check_checkpoint(cfg: LabelConfig) -> ResolvedCheckpoint | None:
     from ebseg_core.checkpoint import CheckpointError, resolve_checkpoint
 
     try:
-        return resolve_checkpoint(cfg.checkpoint, preset=cfg.preset)
+        return resolve_checkpoint(cfg.checkpoint, preset=cfg.preset, best=cfg.best_checkpoint)
     except (CheckpointError, FileNotFoundError) as exc:
         raise LabelError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - storage unreachable, no permission

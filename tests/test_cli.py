@@ -188,3 +188,25 @@ def test_python_m_jobs_doctor_text(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "ebseg doctor: error: unrecognized arguments: --bogus-flag" in proc.stderr
+
+
+def test_segment_label_and_evaluate_share_the_model_flags():
+    """One definition of --checkpoint/--best-checkpoint/--preset/--random-weights/--inference-*/--precision."""
+    import argparse
+
+    from jobs import evaluate, label, segment
+
+    flags = ["--checkpoint", "runs/r", "--best-checkpoint", "--preset", "ebseg-tiny", "--inference-size", "64",
+             "--inference-max-size", "128", "--precision", "bf16"]
+    required = {segment: ["x.jpg", "--out", "o"], label: ["--output", "o"], evaluate: ["--dataset", "ade150",
+                                                                                        "--root", "d"]}
+    for module, extra in required.items():
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        args = parser.parse_args(extra + flags)
+        assert (args.checkpoint, args.best_checkpoint, args.preset, args.inference_size, args.inference_max_size,
+                args.precision) == ("runs/r", True, "ebseg-tiny", 64, 128, "bf16"), module.__name__
+    parser = argparse.ArgumentParser()
+    label.add_arguments(parser)
+    cfg = label.config_from_args(parser.parse_args(["--output", "o", "--input", "i"] + flags))
+    assert cfg.best_checkpoint and cfg.precision == "bf16" and cfg.inference_max_size == 128
