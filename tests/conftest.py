@@ -37,8 +37,6 @@ import logging
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,22 +48,17 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+_REPO = Path(__file__).resolve().parent.parent
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+from tests.helpers import REPO_ROOT, free_port, stop_head  # noqa: E402 - needs the repo on sys.path
 
 # Ray: no usage-stats upload attempts (the machine has no internet), and no pre-started idle worker
 # processes (one per logical CPU by default: 8 Python processes competing for 2 cores at start-up).
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_enable_worker_prestart", "0")
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------- tiers
@@ -239,57 +232,6 @@ class RayHead:
             time.sleep(0.5)
 
 
-def _pids_using(marker: str) -> list[int]:
-    """PIDs of processes whose command line mentions ``marker`` (our head's private temp dir)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if marker.encode() in cmdline:
-            pids.append(int(entry))
-    return pids
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:  # a throwaway test cluster: no need to wait for a graceful shutdown
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=10)
-    # Workers and agents of this head run with our temp dir on their command line.
-    kill_processes_mentioning(temp_dir)
-
-
-def kill_processes_mentioning(marker: str, within_s: float = 10.0) -> None:
-    """SIGKILL every process whose command line mentions ``marker`` (a Ray instance's private temp dir)."""
-    deadline = time.time() + within_s
-    while time.time() < deadline:
-        leftovers = _pids_using(marker)
-        if not leftovers:
-            break
-        for pid in leftovers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="session")
 def ray_head(s3, tmp_path_factory):
     """A real ``ray start --head`` cluster on loopback (use JobSubmissionClient/CLI, not ray.init)."""
@@ -368,7 +310,7 @@ def ray_head(s3, tmp_path_factory):
             time.sleep(0.5)
         yield head
     finally:
-        _stop_head(proc, temp_dir)
+        stop_head(proc, temp_dir)
         log.close()
         if os.environ.get("EBSEG_KEEP_RAY_LOGS"):
             print(f"ray_head logs kept in {temp_dir} (EBSEG_KEEP_RAY_LOGS set)")

@@ -25,7 +25,7 @@ from ebseg_core.checkpoint import (WEIGHTS_FILE, CheckpointError, infer_preset, 
 from jobs import segment
 from jobs.cli import module_main
 from pipeline.schema import decode_label_png
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 from tests.corpus import blob_image, write_blob_images
 
 CONFIG = str(REPO_ROOT / "configs" / "tiny_generic.yaml")

@@ -376,7 +376,7 @@ def test_official_recipe_starts_on_prepared_coco_with_dropped_labels(tmp_path, c
 
     from jobs import train as train_job
     from pipeline.train import load_config, prepare
-    from tests.conftest import REPO_ROOT
+    from tests.helpers import REPO_ROOT
 
     root = tmp_path / "datasets"
     raw = root / "coco"

@@ -32,7 +32,7 @@ from pipeline.train import (
     poly_lr_factor,
     prepare,
 )
-from tests.conftest import REPO_ROOT, _stop_head, free_port
+from tests.helpers import REPO_ROOT, free_port, stop_head
 from tests.corpus import write_blob_images
 
 CONFIGS = REPO_ROOT / "configs"
@@ -206,7 +206,7 @@ def two_nodes(s3, tmp_path_factory):
         yield address, env
     finally:
         for p in reversed(procs):
-            _stop_head(p, temp_dir)
+            stop_head(p, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
