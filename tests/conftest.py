@@ -52,7 +52,7 @@ _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
-from tests.helpers import REPO_ROOT, free_port, stop_head  # noqa: E402 - needs the repo on sys.path
+from tests.helpers import REPO_ROOT, free_port, port_open, stop_head  # noqa: E402 - needs the repo on sys.path
 
 # Ray: no usage-stats upload attempts (the machine has no internet), and no pre-started idle worker
 # processes (one per logical CPU by default: 8 Python processes competing for 2 cores at start-up).
@@ -295,7 +295,7 @@ def ray_head(s3, tmp_path_factory):
             try:
                 # /api/jobs/ is served by the JobHead subprocess of the dashboard, which starts
                 # after /api/version answers; submitting earlier gets the connection dropped.
-                if _port_open(agent_port):
+                if port_open(agent_port):
                     with urllib.request.urlopen(f"{head.dashboard_url}/api/jobs/", timeout=5) as r:
                         if r.status == 200:
                             break
