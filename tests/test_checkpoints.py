@@ -298,3 +298,31 @@ def test_resume_refuses_a_planted_train_state_and_runs_nothing(s3_run, s3, ray_l
     assert rc == 2, err[-3000:]
     assert len(errors) == 1 and "refusing to load train_state.pt" in errors[0], err[-3000:]
     assert not marker.exists()
+
+
+def test_label_refuses_bad_checkpoints_in_one_line_before_anything_starts(tmp_path):
+    """The labeling job checks the checkpoint on the driver first: a truncated .pth, a file that is not
+    safetensors, or weights of another preset give one line -- before the input is listed, so before
+    any cluster could start (Ray starts only after planning)."""
+    from PIL import Image
+
+    from pipeline.label import LabelConfig, LabelError, run_label
+    from tests.corpus import blob_image
+
+    (tmp_path / "in").mkdir()
+    Image.fromarray(blob_image(32, 32, seed=1, num_classes=2)[0]).save(tmp_path / "in" / "a.png")
+    torch.manual_seed(0)
+    good = tmp_path / "tiny.pth"
+    torch.save({"model": build_model("ebseg-tiny").state_dict()}, good)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    garbage = tmp_path / "model.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + bytes(64))
+    for ckpt, preset, expect in [(cut, None, "cut.pth"), (garbage, None, "model.safetensors"),
+                                 (good, "ebseg-b", "--preset ebseg-b does not match")]:
+        out = tmp_path / f"out-{ckpt.stem}-{preset}"
+        with pytest.raises(LabelError) as err:
+            run_label(LabelConfig(output=str(out), input=str(tmp_path / "in"), vocabulary="a,b",
+                                  checkpoint=str(ckpt), preset=preset), log=lambda _: None)
+        assert expect in str(err.value) and "\n" not in str(err.value), str(err.value)
+        assert not out.exists()  # refused before the plan, the output, or a cluster
