@@ -243,8 +243,9 @@ _HEADER_KEY = "ebseg"  # the safetensors metadata entry that holds our JSON
 _MAX_HEADER_BYTES = 100 << 20
 
 
-def weights_digest(state: dict[str, torch.Tensor]) -> str:
-    """Content hash of a state dict (names, dtypes, shapes, bytes): identifies weights whatever their path."""
+def state_dict_digest(state: dict[str, torch.Tensor]) -> str:
+    """Content hash of a state dict (names, dtypes, shapes, bytes), recorded in our weights' header;
+    ``weights_digest`` hashes a file's bytes instead (any checkpoint format, e.g. an official .pth)."""
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
@@ -263,7 +264,7 @@ def save_weights(path: str | Path, model: EBSeg, metadata: dict) -> str:
         ptr = v.untyped_storage().data_ptr()
         state[k] = v.clone() if ptr in storages else v  # tied tensors (clip_*.proj): safetensors stores each once
         storages.add(ptr)
-    digest = weights_digest(state)
+    digest = state_dict_digest(state)
     header = {**metadata, "preset": model.config.name, "weights_sha256": digest}
     save_file(state, str(path), metadata={_HEADER_KEY: json.dumps(header)})
     return digest
