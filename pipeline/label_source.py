@@ -116,7 +116,7 @@ class LabelListing:
     """What :func:`list_label_samples` found: the samples, their class names and how to read them."""
 
     samples: list[Sample]
-    class_names: list[list[str]]  # line i = exported class i: all names, prompt name first
+    class_names: list[tuple[str, list[str]]]  # (prompt, synonyms) of kept class i, as read_class_names gives
     reader: "LabelRowReader"
     matched: int  # rows the query selected (before dropping ones without a readable position)
 
@@ -148,8 +148,11 @@ def list_label_samples(spec: LabelSourceSpec) -> LabelListing:
     order = sorted(where, key=where.get)
     samples = [Sample(uri_of[i], label_ref(_file_url(ds.url, ds.files[where[i][0]]), where[i][1], where[i][2], i))
                for i in order]
-    names = C.class_names_lines(ds, lf.keep_ids)
-    return LabelListing(samples, [line.split(";") for line in names], LabelRowReader(lf), len(uri_of))
+    from ebseg_core.data.benchmarks import parse_class_list
+
+    # The same parse as the class_names.txt of an export (read_class_names), so both train alike.
+    names = parse_class_list("\n".join(C.class_names_lines(ds, lf.keep_ids)), spec.url)
+    return LabelListing(samples, names, LabelRowReader(lf), len(uri_of))
 
 
 class LabelRowReader:
