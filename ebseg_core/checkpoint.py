@@ -381,7 +381,7 @@ class ResolvedCheckpoint:
         """``vocab`` with seen/unseen flags against the training classes (official COCO-171 list if unknown)."""
         if self.train_vocabulary is None or vocab.seen is not None:
             return vocab
-        return vocab.with_seen(vocab.seen_flags([list(s) for s in self.train_vocabulary.synonyms]))
+        return vocab.with_training_classes([list(s) for s in self.train_vocabulary.synonyms])
 
     def describe(self) -> str:
         it = f", iteration {self.iteration}" if self.iteration is not None else ""
