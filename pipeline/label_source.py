@@ -16,8 +16,9 @@ groups it read, and the confidence column is read only when a threshold needs it
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import parse_qs, quote, unquote
 
 import numpy as np
@@ -52,7 +53,7 @@ class LabelSourceSpec:
     min_pixel_confidence: float | None = None
 
     @classmethod
-    def from_options(cls, url: str, options: Mapping[str, Any] | None) -> "LabelSourceSpec":
+    def from_options(cls, url: str, options: Mapping[str, Any] | None) -> LabelSourceSpec:
         """Spec from a plain mapping (a training config's YAML), e.g.::
 
             {"classes": [{"name": "car", "min_fraction": 0.05, "min_confidence": 0.6}, "grass"],
@@ -117,7 +118,7 @@ class LabelListing:
 
     samples: list[Sample]
     class_names: list[tuple[str, list[str]]]  # (prompt, synonyms) of kept class i, as read_class_names gives
-    reader: "LabelRowReader"
+    reader: LabelRowReader
     matched: int  # rows the query selected (before dropping ones without a readable position)
 
 
@@ -182,7 +183,7 @@ class LabelRowReader:
         return {"label_filter": asdict(self.label_filter), "cache_row_groups": self.cache_row_groups}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LabelRowReader":
+    def from_dict(cls, d: Mapping[str, Any]) -> LabelRowReader:
         return cls(C.LabelFilter(**d["label_filter"]), int(d.get("cache_row_groups", 4)))
 
     def __getstate__(self) -> dict:

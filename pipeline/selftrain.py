@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -34,12 +34,12 @@ class SelfTrainConfig:
 
     workdir: str
     seed: int = 0
-    labelled: int = 4  # images with truth the base model trains on
+    labelled: int = 8  # images with truth the base model trains on
     lake: int = 48  # unlabelled images it pseudo-labels
     held_out: int = 16  # images scored before and after
-    base_iters: int = 100
+    base_iters: int = 150
     finetune_iters: int = 60
-    min_pixel_confidence: float = 0.5  # pseudo-label pixels below it are ignored in the fine-tune
+    min_pixel_confidence: float = 0.3  # pseudo-label pixels below it are ignored in the fine-tune
     query: dict = field(default_factory=dict)  # more label-source options (class/area/confidence filters)
     overrides: tuple[str, ...] = field(default_factory=tuple)  # more `--set` values for both runs
 

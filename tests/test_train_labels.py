@@ -75,8 +75,9 @@ def test_label_source_mistakes_are_one_line(lake, tmp_path, capsys, extra, messa
 def test_fine_tune_from_label_parquet_with_a_query(lake, ray_local, tmp_path):
     """A few iterations from the base run on the selected label rows: the workers read label rows (a
     generic reader would refuse the row references), and the result carries the query's classes."""
-    from pipeline.train import load_config, train
     from safetensors.torch import load_file
+
+    from pipeline.train import load_config, train
 
     fx, run = lake
     result = train(load_config(CONFIG, _overrides(fx, run, tmp_path, "run.name=ft", "solver.max_iter=3",
