@@ -27,7 +27,7 @@ import io
 import logging
 import math
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import fsspec
@@ -433,8 +433,11 @@ class TrainSampleDataset(torch.utils.data.Dataset):
         seed: int = 0,
         skip_bad: bool = False,
         storage_options: dict | None = None,
+        reader: Callable[[Sample, int, dict | None], tuple[np.ndarray, np.ndarray]] | None = None,
     ):
         self.samples = list(samples)
+        # read_sample's signature; pipeline.label_source.LabelRowReader reads label-Parquet rows
+        self.reader = reader or read_sample
         self.num_classes = num_classes
         self.ignore_label = ignore_label_for(num_classes)
         self.cfg = augment_cfg
@@ -452,7 +455,7 @@ class TrainSampleDataset(torch.utils.data.Dataset):
             idx = shard_positions(len(self.samples), self.rank, self.world_size, position + attempt * 7919, self.seed)
             sample = self.samples[idx]
             try:
-                image, label = read_sample(sample, self.num_classes, self.storage_options)
+                image, label = self.reader(sample, self.num_classes, self.storage_options)
             except DatasetError as e:
                 if not self.skip_bad:
                     raise

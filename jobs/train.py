@@ -13,6 +13,9 @@ examples:
       --set data.train=s3://my-bucket/datasets run.storage_path=s3://my-bucket/runs run.num_workers=8 run.use_gpu=true
   # locally, tiny model on a generated dataset:
   ebseg train --config configs/tiny_generic.yaml --set data.train=./my_dataset data.val=./my_val
+  # fine-tune a run's weights on the confident labels of a lake, straight from the label Parquet:
+  ebseg train --config configs/tiny_generic.yaml --set model.checkpoint=./runs/tiny-generic \\
+      data.layout=labels data.train=s3://lake/labels/ 'data.labels={"min_pixel_confidence": 0.5}'
   # see the merged config without training:
   ebseg train --config configs/ebseg_l_coco171.yaml --print-config
 

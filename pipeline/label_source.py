@@ -16,8 +16,9 @@ groups it read, and the confidence column is read only when a threshold needs it
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import parse_qs, quote, unquote
 
 import numpy as np
@@ -52,7 +53,7 @@ class LabelSourceSpec:
     min_pixel_confidence: float | None = None
 
     @classmethod
-    def from_options(cls, url: str, options: Mapping[str, Any] | None) -> "LabelSourceSpec":
+    def from_options(cls, url: str, options: Mapping[str, Any] | None) -> LabelSourceSpec:
         """Spec from a plain mapping (a training config's YAML), e.g.::
 
             {"classes": [{"name": "car", "min_fraction": 0.05, "min_confidence": 0.6}, "grass"],
@@ -116,8 +117,8 @@ class LabelListing:
     """What :func:`list_label_samples` found: the samples, their class names and how to read them."""
 
     samples: list[Sample]
-    class_names: list[list[str]]  # line i = exported class i: all names, prompt name first
-    reader: "LabelRowReader"
+    class_names: list[tuple[str, list[str]]]  # (prompt, synonyms) of kept class i, as read_class_names gives
+    reader: LabelRowReader
     matched: int  # rows the query selected (before dropping ones without a readable position)
 
 
@@ -148,8 +149,11 @@ def list_label_samples(spec: LabelSourceSpec) -> LabelListing:
     order = sorted(where, key=where.get)
     samples = [Sample(uri_of[i], label_ref(_file_url(ds.url, ds.files[where[i][0]]), where[i][1], where[i][2], i))
                for i in order]
-    names = C.class_names_lines(ds, lf.keep_ids)
-    return LabelListing(samples, [line.split(";") for line in names], LabelRowReader(lf), len(uri_of))
+    from ebseg_core.data.benchmarks import parse_class_list
+
+    # The same parse as the class_names.txt of an export (read_class_names), so both train alike.
+    names = parse_class_list("\n".join(C.class_names_lines(ds, lf.keep_ids)), spec.url)
+    return LabelListing(samples, names, LabelRowReader(lf), len(uri_of))
 
 
 class LabelRowReader:
@@ -179,7 +183,7 @@ class LabelRowReader:
         return {"label_filter": asdict(self.label_filter), "cache_row_groups": self.cache_row_groups}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LabelRowReader":
+    def from_dict(cls, d: Mapping[str, Any]) -> LabelRowReader:
         return cls(C.LabelFilter(**d["label_filter"]), int(d.get("cache_row_groups", 4)))
 
     def __getstate__(self) -> dict:

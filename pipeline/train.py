@@ -67,9 +67,10 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = ""  # dataset root (local path or URL)
-    layout: str = "generic"  # generic | coco171
+    layout: str = "generic"  # generic | coco171 | labels (label Parquet at `train`, rows chosen by `labels`)
+    labels: dict = field(default_factory=dict)  # layout 'labels': the query, see pipeline.label_source
     split: str = "train2017"  # coco171: the split folder
-    val: str | None = None  # validation dataset root (same layout); None = no validation
+    val: str | None = None  # validation dataset root (same layout; generic for 'labels'); None = no validation
     val_split: str = "val2017"
     val_max_images: int = 0  # 0 = all
     vocabulary: str | None = None  # None: class_names.txt (generic) / preset coco171; else a Vocabulary spec
@@ -291,7 +292,8 @@ def _vocabulary(cfg: TrainConfig, class_names: list[tuple[str, list[str]]] | Non
     if cfg.data.vocabulary:
         vocab = Vocabulary.from_spec(cfg.data.vocabulary)
     elif class_names is not None:
-        vocab = Vocabulary.from_class_list(class_names, source=f"{cfg.data.train}/class_names.txt")
+        source = cfg.data.train if cfg.data.layout == "labels" else f"{cfg.data.train}/class_names.txt"
+        vocab = Vocabulary.from_class_list(class_names, source=source)
     elif cfg.data.layout == "coco171":
         vocab = Vocabulary.preset("coco171")
     else:
@@ -316,14 +318,29 @@ def prepare(cfg: TrainConfig) -> dict:
         raise ConfigError(
             f"solver.ims_per_batch={cfg.solver.ims_per_batch} is not divisible by run.num_workers={cfg.run.num_workers}"
         )
-    spec = DatasetSpec(cfg.data.train, cfg.data.layout, cfg.data.split, cfg.data.skip_bad)
-    samples, class_names = list_dataset(spec)
+    checkpoint = _resolve_base_checkpoint(cfg.model)
+    reader = None
+    if cfg.data.layout == "labels":
+        from pipeline.curate import CurationError
+        from pipeline.label_source import LabelSourceSpec, list_label_samples
+
+        try:
+            listing = list_label_samples(LabelSourceSpec.from_options(cfg.data.train, cfg.data.labels))
+        except CurationError as e:
+            raise ConfigError(f"data.labels: {e}") from None
+        samples, class_names, reader = listing.samples, listing.class_names, listing.reader
+    else:
+        if cfg.data.labels:
+            raise ConfigError(f"data.labels is for data.layout 'labels', not {cfg.data.layout!r}")
+        spec = DatasetSpec(cfg.data.train, cfg.data.layout, cfg.data.split, cfg.data.skip_bad)
+        samples, class_names = list_dataset(spec)
     vocab = _vocabulary(cfg, class_names)
     for s in samples[: cfg.data.preflight_samples]:
-        read_sample(s, len(vocab))
+        (reader or read_sample)(s, len(vocab))
     val = []
     if cfg.data.val:
-        vspec = DatasetSpec(cfg.data.val, cfg.data.layout, cfg.data.val_split, cfg.data.skip_bad)
+        val_layout = "generic" if cfg.data.layout == "labels" else cfg.data.layout
+        vspec = DatasetSpec(cfg.data.val, val_layout, cfg.data.val_split, cfg.data.skip_bad)
         val, val_names = list_dataset(vspec)
         if val_names is not None and [prompt for prompt, _ in val_names] != vocab.names:
             raise DatasetError(f"class_names.txt of {cfg.data.val} differs from the training classes")
@@ -331,12 +348,30 @@ def prepare(cfg: TrainConfig) -> dict:
             val = val[: cfg.data.val_max_images]
     if len(samples) < cfg.run.num_workers:
         raise DatasetError(f"{len(samples)} training samples for {cfg.run.num_workers} workers")
+    config = cfg.to_dict()
+    config["model"]["checkpoint"] = checkpoint  # every worker loads the same file, whatever the run dir gains
     return {
-        "config": cfg.to_dict(),
+        "config": config,
         "samples": [(s.image, s.label) for s in samples],
         "val_samples": [(s.image, s.label) for s in val],
         "vocabulary": vocab.to_json(),
+        "label_reader": reader.to_dict() if reader is not None else None,
     }
+
+
+def _resolve_base_checkpoint(mcfg: ModelConfig) -> str | None:
+    """The weights file that ``model.checkpoint`` names (a run dir, checkpoint dir or file; local or URL).
+
+    A run directory means its latest checkpoint; the file must fit ``model.preset``.
+    """
+    if not mcfg.checkpoint:
+        return None
+    from ebseg_core.checkpoint import resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(mcfg.checkpoint, preset=mcfg.preset).weights_url
+    except (CheckpointError, FileNotFoundError) as e:
+        raise ConfigError(f"model.checkpoint: {e}") from None
 
 
 def _storage(cfg: TrainConfig):
@@ -560,8 +595,14 @@ def train_loop_per_worker(payload: dict) -> None:
 
     samples = [Sample(*s) for s in payload["samples"]]
     per_worker = cfg.solver.ims_per_batch // world
+    reader = None
+    if payload.get("label_reader"):
+        from pipeline.label_source import LabelRowReader
+
+        reader = LabelRowReader.from_dict(payload["label_reader"])
     dataset = TrainSampleDataset(
-        samples, len(vocab), cfg.augment, rank=rank, world_size=world, seed=cfg.run.seed, skip_bad=cfg.data.skip_bad
+        samples, len(vocab), cfg.augment, rank=rank, world_size=world, seed=cfg.run.seed, skip_bad=cfg.data.skip_bad,
+        reader=reader,
     )
     loader = torch.utils.data.DataLoader(
         dataset,

@@ -1,4 +1,4 @@
-"""Write a few sample photos shipped with scikit-image into a folder, as input for `make demo`."""
+"""Write a few sample photos shipped with scikit-image into a folder, as input for `make demo-photos`."""
 
 from __future__ import annotations
 
@@ -21,4 +21,4 @@ def main(out_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "out/demo/images"))
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "out/demo-photos/images"))

@@ -48,7 +48,8 @@ def _selected(fx) -> set[str]:
 def test_listing_selects_the_query_rows_in_file_order(fx, listing):
     assert {s.image for s in listing.samples} == _selected(fx) and len(listing.samples) >= 3
     assert listing.matched == len(listing.samples)
-    assert listing.class_names == [["grass", "lawn", "turf"], ["car", "automobile"], ["edge"]]
+    assert listing.class_names == [("grass", ["grass", "lawn", "turf"]), ("car", ["car", "automobile"]),
+                                   ("edge", ["edge"])]
     refs = [parse_label_ref(s.label) for s in listing.samples]
     positions = [(url, rg, row) for url, rg, row, _ in refs]
     assert positions == sorted(positions) and len(set(positions)) == len(positions)
