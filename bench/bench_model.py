@@ -14,7 +14,7 @@ alternately with our 640x640 forward in this process (min of --repeats each), an
 where OFFICIAL_OVER_NORMALISER = 0.852 is the official EBSeg-B 640x640 fp32 time over the same
 normaliser, measured side by side beside the official code on this kind of machine (2 threads).
 
-`--agreement` trains the tiny preset briefly on the synthetic blob corpus (tests/corpus.py) and reports
+`--agreement` trains the tiny preset briefly on the synthetic blob corpus (ebseg_core/data/synthetic.py) and reports
 the pixel agreement of each precision's label maps with fp32's (random weights give near-tied scores
 that say little about a precision).
 """
@@ -163,7 +163,7 @@ def bench_preset(preset: str, args, norm, rates: dict) -> None:
 def train_tiny(steps: int, size: int, num_classes: int, seed: int = 0, device: str = "cpu"):
     """The tiny preset trained on blob images (each class one colour) until it labels them well."""
     from ebseg_core import Vocabulary, build_model, with_inference_settings
-    from tests.corpus import blob_image
+    from ebseg_core.data.synthetic import blob_image
 
     torch.manual_seed(seed)
     model = build_model("ebseg-tiny", device=device)
@@ -191,7 +191,7 @@ def train_tiny(steps: int, size: int, num_classes: int, seed: int = 0, device: s
 
 
 def precision_agreement(args) -> None:
-    from tests.corpus import blob_image
+    from ebseg_core.data.synthetic import blob_image
 
     t0 = time.perf_counter()
     model, vocab = train_tiny(args.train_steps, args.train_size, num_classes=4)

@@ -115,7 +115,7 @@ def agreement(table: Table, model, vocab, size: tuple[int, int], precisions: lis
 
 
 def trained_agreement(table: Table, device: str, steps: int, size: int, precisions: list[str]) -> None:
-    from tests.corpus import blob_image
+    from ebseg_core.data.synthetic import blob_image
 
     t0 = time.perf_counter()
     model, vocab = train_tiny(steps, size, num_classes=4, device=device)
@@ -162,7 +162,7 @@ def pipeline_cpu_cost(table: Table, size: tuple[int, int], names: list[str], rep
 
     from pipeline.images import decode_image
     from pipeline.schema import make_ok_row
-    from tests.corpus import blob_image
+    from ebseg_core.data.synthetic import blob_image
 
     rgb, label = blob_image(*size, seed=3, num_classes=min(len(names), 20), ignore_boundary=False)
     buf = io.BytesIO()

@@ -148,6 +148,7 @@ class AdaBDecoder(nn.Module):
         bias_features = None
         out = DecoderOutputs([], [], [])
         n_pred = self.num_layers + 1
+        attn_mask = torch.empty(0)  # set at the end of each prediction for the next layer's cross-attention
         for i in range(n_pred):
             final = i == n_pred - 1
             if i > 0:

@@ -7,7 +7,7 @@ confident labels are chosen by a curation query and a pixel-confidence threshold
 anything), ``pipeline.label.run_label`` (the lake and the held-out images), and the scoring of
 ``ebseg evaluate --labels`` (detectron2's SemSegEvaluator) against the held-out truth.
 
-The world: ``tests.corpus`` blob images (each class a fixed colour, soft edges, noise) at the tiny
+The world: ``ebseg_core.data.synthetic`` blob images (each class a fixed colour, soft edges, noise) at the tiny
 preset's scale: a small labelled set, a larger unlabelled lake, and held-out labelled images whose
 labels are only used for scoring.
 """
@@ -61,7 +61,7 @@ class SelfTrainResult:
 
 def write_world(root: str, cfg: SelfTrainConfig) -> dict[str, str]:
     """Generic-layout folders ``labelled``, ``lake`` (images; truth kept aside) and ``held_out``."""
-    from tests.corpus import write_blob_images
+    from ebseg_core.data.synthetic import write_blob_images
 
     out = {}
     base = cfg.seed * 100_000

@@ -1,4 +1,4 @@
-"""`make demo`'s world whose truth is known: blob images (each class a fixed colour; tests/corpus.py).
+"""`make demo`'s world whose truth is known: blob images (each class a fixed colour; ebseg_core/data/synthetic.py).
 
     demo_world.py write OUT_DIR     # OUT_DIR/labelled (generic layout: trains), OUT_DIR/lake (images to
                                     # label; its labels/ folder is the hidden truth)

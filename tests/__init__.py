@@ -1,1 +1,1 @@
-"""Test suite; ``tests.corpus`` holds the synthetic image helpers the tests share."""
+"""Test suite; ``ebseg_core.data.synthetic`` holds the synthetic image helpers the tests share."""

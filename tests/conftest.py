@@ -16,7 +16,7 @@ Fixtures
                         ``address`` ("127.0.0.1:port", GCS), ``dashboard_url`` (for
                         ``JobSubmissionClient`` / ``ray job submit --address``), ``env`` (the
                         environment to run the ``ray`` CLI with), ``log_tail()``.
-``blob_corpus`` (function) six blob images + label PNGs in a temp dir (see tests/corpus.py).
+``blob_corpus`` (function) six blob images + label PNGs in a temp dir (see ebseg_core/data/synthetic.py).
 
 Ray: one process can be connected to only one cluster at a time, and ``ray_local`` connects this
 pytest process to its own. Tests using ``ray_head`` must therefore talk to it from outside the
@@ -332,7 +332,7 @@ class BlobCorpus:
 @pytest.fixture
 def blob_corpus(tmp_path) -> BlobCorpus:
     """Six small blob images (3 JPEG, 3 PNG) with label PNGs in a temp dir, 4 classes."""
-    from tests.corpus import label_uri_for, write_blob_images
+    from ebseg_core.data.synthetic import label_uri_for, write_blob_images
 
     images = write_blob_images(tmp_path / "corpus", 6, num_classes=4, seed=0)
     return BlobCorpus(

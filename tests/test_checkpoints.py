@@ -26,7 +26,7 @@ from jobs import segment
 from jobs.cli import module_main
 from pipeline.schema import decode_label_png
 from tests.helpers import REPO_ROOT
-from tests.corpus import blob_image, write_blob_images
+from ebseg_core.data.synthetic import blob_image, write_blob_images
 
 CONFIG = str(REPO_ROOT / "configs" / "tiny_generic.yaml")
 CLASS_NAMES = "wall\nsky;heaven\ntree\ngrass\n"
@@ -307,7 +307,7 @@ def test_label_refuses_bad_checkpoints_in_one_line_before_anything_starts(tmp_pa
     from PIL import Image
 
     from pipeline.label import LabelConfig, LabelError, run_label
-    from tests.corpus import blob_image
+    from ebseg_core.data.synthetic import blob_image
 
     (tmp_path / "in").mkdir()
     Image.fromarray(blob_image(32, 32, seed=1, num_classes=2)[0]).save(tmp_path / "in" / "a.png")

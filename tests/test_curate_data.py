@@ -1,6 +1,6 @@
 """Builder of a small label dataset for curation and report tests (no tests here; imported by them).
 
-Images are tests.corpus blob images in the bucket; labels are their blob label maps (boundary pixels
+Images are ebseg_core.data.synthetic blob images in the bucket; labels are their blob label maps (boundary pixels
 become class 5 "edge") with a random confidence map per image. A few error rows are mixed in. The
 rows go into several Parquet files with tiny row groups, so pushdown and multi-file reads are used.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import schema as S
-from tests.corpus import DEFAULT_SIZES, blob_image, write_blob_images
+from ebseg_core.data.synthetic import DEFAULT_SIZES, blob_image, write_blob_images
 
 NAMES = ["sky", "grass", "tree", "road", "car", "edge"]
 SYNONYMS = [["sky"], ["grass", "lawn", "turf"], ["tree"], ["road", "street"], ["car", "automobile"], ["edge"]]

@@ -7,7 +7,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from tests.corpus import blob_image
+from ebseg_core.data.synthetic import blob_image
 
 
 def test_tiny_model_evaluation_job_writes_table(ray_head, s3, s3_prefix, tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.corpus import IGNORE_INDEX, blob_image, class_color, label_uri_for, write_blob_images
+from ebseg_core.data.synthetic import IGNORE_INDEX, blob_image, class_color, label_uri_for, write_blob_images
 
 
 def test_s3_fixture_env_points_at_moto(s3):

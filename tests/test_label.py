@@ -28,7 +28,7 @@ from pipeline.label import TEST_EXIT_ENV, LabelConfig, run_label
 from pipeline.listing import InputSpec, build_plan, read_plan_shard
 from pipeline.schema import decode_confidence_png, decode_label_png, metadata_from_schema
 from tests.helpers import kill_processes_mentioning
-from tests.corpus import blob_image
+from ebseg_core.data.synthetic import blob_image
 from tests.flaky_proxy import FlakyProxy
 
 REPO = Path(__file__).resolve().parent.parent

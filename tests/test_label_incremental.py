@@ -17,7 +17,7 @@ from PIL import Image
 from pipeline.label import run_label
 from pipeline.listing import InputSpec, build_plan, load_plan, plan_generation, read_plan_shard
 from pipeline.storage import iter_files
-from tests.corpus import blob_image
+from ebseg_core.data.synthetic import blob_image
 from tests.test_label_recovery import config, local_rows, write_images
 
 

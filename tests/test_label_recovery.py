@@ -31,7 +31,7 @@ from PIL import Image
 from pipeline.label import LabelConfig, LabelError, build_dataset, run_label
 from pipeline.listing import InputSpec, WriteError, build_plan, read_plan_shard, unique_in_order
 from tests.helpers import free_port, kill_processes_mentioning
-from tests.corpus import blob_image
+from ebseg_core.data.synthetic import blob_image
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = "red,green;lime,blue"

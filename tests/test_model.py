@@ -14,7 +14,7 @@ import torch
 from ebseg_core import (CheckpointError, EBSeg, Vocabulary, build_model, load_open_clip_weights,
                         load_sam_weights, preset_config)
 from ebseg_core import parity
-from tests.corpus import blob_image
+from ebseg_core.data.synthetic import blob_image
 
 REFERENCE = Path(os.environ.get("EBSEG_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 FIXTURE = REFERENCE / "parity_tiny_b"

@@ -33,7 +33,7 @@ from pipeline.train import (
     prepare,
 )
 from tests.helpers import REPO_ROOT, free_port, stop_head
-from tests.corpus import write_blob_images
+from ebseg_core.data.synthetic import write_blob_images
 
 CONFIGS = REPO_ROOT / "configs"
 CLASS_NAMES = "wall\nsky;heaven\ntree\ngrass\n"

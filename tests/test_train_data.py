@@ -23,7 +23,7 @@ from ebseg_core.train_data import (
     _hsv_cv_to_rgb,
     _rgb_to_hsv_cv,
 )
-from tests.corpus import write_blob_images
+from ebseg_core.data.synthetic import write_blob_images
 
 
 def _generic(tmp_path, n=6, num_classes=4, names=None):

@@ -1,4 +1,6 @@
-"""Synthetic image corpora for tests: smooth coloured blobs with matching label maps.
+"""A synthetic world whose truth is known: smooth coloured blobs with matching label maps.
+
+Used by the tests, the benchmarks, `make demo` and the self-training recipe.
 
 Each class has a fixed colour (the same in every image), so a model trained on these images can
 learn the classes from colour alone; the blobs are smooth so the images survive JPEG. Label maps use
