@@ -11,7 +11,6 @@ the proxy as their S3 endpoint) and runs both of its runs on one Ray start.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import random
@@ -419,3 +418,43 @@ def test_progress_lines_come_on_a_timer_not_per_batch():
         progress.processed, progress.ok, progress.errors = 5, 4, 1
         assert two.wait(30), lines  # no batch arrives in between: the lines come from the timer
     assert lines[-1].startswith("[label] 15/100 images (15.0%)") and "ok 4 errors 1" in lines[-1]
+
+
+def test_label_writes_no_secret_anywhere(s3, s3_prefix, tmp_path):
+    """`ebseg label` as a user runs it (its own embedded Ray) with a unique secret as the S3 key: the
+    secret reaches no file of Ray's session (logs, runtime envs), no output object, and no line printed."""
+    import tempfile
+    import uuid
+
+    from ebseg_core.data.synthetic import write_blob_images
+
+    secret = "planted-" + uuid.uuid4().hex
+    images = s3_prefix + "images"
+    write_blob_images(images, 4, with_labels=False)
+    out = s3_prefix + "labels"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rls", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    env = {**os.environ, **s3.env, "AWS_SECRET_ACCESS_KEY": secret, "RAY_TMPDIR": str(ray_tmp),
+           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        res = subprocess.run([sys.executable, "-m", "jobs.label", "--input", images, "--output", out,
+                              "--vocabulary", VOCAB, "--preset", "ebseg-tiny", "--random-weights", "--inference-size",
+                              "32", "--inference-max-size", "64"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert secret not in res.stdout + res.stderr
+        found, scanned = [], 0
+        for path in list(ray_tmp.rglob("*")) + list(tmp_path.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                scanned += 1
+                if secret.encode() in path.read_bytes():
+                    found.append(str(path))
+        assert list(ray_tmp.rglob("raylet.out")), "Ray's session logs were not where the test looks"
+        for key in s3.fs.find(out.split("://", 1)[1]):
+            scanned += 1
+            if secret.encode() in s3.fs.cat_file(key):
+                found.append(f"s3://{key}")
+        assert not found, f"the secret leaked into {found}"
+        assert scanned > 20
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
