@@ -7,7 +7,6 @@ weighted sum over the points.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
