@@ -181,17 +181,15 @@ def build_model(config: EBSegConfig | str = "ebseg-b", checkpoint: "str | Resolv
                 device: str | torch.device | None = None) -> EBSeg:
     """An EBSeg model from a preset name or config, with an official/our checkpoint if given.
 
-    A :class:`ResolvedCheckpoint` (from :func:`resolve_checkpoint`) names the model by its weights' content.
+    ``model.model_id`` names the weights by content (``weights_digest``), whatever path or URL gave them.
     """
     cfg = preset_config(config) if isinstance(config, str) else config
     model = EBSeg(cfg)
     if isinstance(checkpoint, ResolvedCheckpoint):
-        load_ebseg_state_dict(model, read_state_dict(checkpoint.weights_url))
-        ident = checkpoint.digest or hashlib.sha1(checkpoint.weights_url.encode()).hexdigest()
-        model.model_id = f"{cfg.name}:{ident[:12]}"
-    elif checkpoint:
+        checkpoint = checkpoint.weights_url
+    if checkpoint:
         load_ebseg_state_dict(model, read_state_dict(checkpoint))
-        model.model_id = f"{cfg.name}:{hashlib.sha1(str(checkpoint).encode()).hexdigest()[:12]}"
+        model.model_id = f"{cfg.name}:{weights_digest(str(checkpoint))[:12]}"
     else:
         model.model_id = f"{cfg.name}:random"
     if device is not None:
@@ -244,19 +242,11 @@ _HEADER_KEY = "ebseg"  # the safetensors metadata entry that holds our JSON
 _MAX_HEADER_BYTES = 100 << 20
 
 
-def state_dict_digest(state: dict[str, torch.Tensor]) -> str:
-    """Content hash of a state dict (names, dtypes, shapes, bytes), recorded in our weights' header;
-    ``weights_digest`` hashes a file's bytes instead (any checkpoint format, e.g. an official .pth)."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def save_weights(path: str | Path, model: EBSeg, metadata: dict) -> str:
-    """Write the model's full state as safetensors with ``metadata`` (JSON) in its header; returns the digest."""
+    """Write the model's full state as safetensors with ``metadata`` (JSON) in its header.
+
+    Returns the file's ``weights_digest``: the one identity of weights everywhere (label jobs, reports, model ids).
+    """
     from safetensors.torch import save_file
 
     state, storages = {}, set()
@@ -265,10 +255,9 @@ def save_weights(path: str | Path, model: EBSeg, metadata: dict) -> str:
         ptr = v.untyped_storage().data_ptr()
         state[k] = v.clone() if ptr in storages else v  # tied tensors (clip_*.proj): safetensors stores each once
         storages.add(ptr)
-    digest = state_dict_digest(state)
-    header = {**metadata, "preset": model.config.name, "weights_sha256": digest}
+    header = {**metadata, "preset": model.config.name}
     save_file(state, str(path), metadata={_HEADER_KEY: json.dumps(header)})
-    return digest
+    return weights_digest(str(path))
 
 
 def _fs(url: str):
@@ -369,7 +358,11 @@ class ResolvedCheckpoint:
     train_vocabulary: Vocabulary | None = None  # the classes it was trained on (decides seen/unseen)
     inference: dict = field(default_factory=dict)  # with_inference_settings kwargs it was validated with
     iteration: int | None = None
-    digest: str | None = None  # sha256 of the tensors (our checkpoints)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """The weights' identity: sha256 of the file's bytes (``weights_digest``), computed once."""
+        return weights_digest(self.weights_url)
 
     def model_config(self, inference_size: int | None = None, inference_max_size: int | None = None) -> EBSegConfig:
         """The preset's config with the checkpoint's inference settings; explicit sizes override them."""
@@ -466,8 +459,7 @@ def resolve_checkpoint(url: str, preset: str | None = None, best: bool = False) 
     return ResolvedCheckpoint(
         source=url, weights_url=weights, preset=chosen_preset,
         train_vocabulary=Vocabulary.from_json(vocab) if vocab else None,
-        inference=dict(meta.get("inference") or {}), iteration=meta.get("iteration"),
-        digest=meta.get("weights_sha256"))
+        inference=dict(meta.get("inference") or {}), iteration=meta.get("iteration"))
 
 
 def _closest_preset(shapes: dict[str, tuple[int, ...]]) -> str:

@@ -167,6 +167,28 @@ def test_weights_digest_is_by_content(tmp_path, monkeypatch):
     assert weights_digest(str(ckpt)) != first
 
 
+def test_one_weights_identity_from_saving_to_labeling(tmp_path, monkeypatch):
+    """The digest `save_weights` records, the resolved checkpoint's and the model id all name the file's bytes."""
+    import torch
+
+    from ebseg_core import build_model
+    from ebseg_core.checkpoint import resolve_checkpoint, save_weights, weights_digest
+
+    monkeypatch.setenv("EBSEG_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    (tmp_path / "a").mkdir()
+    saved = save_weights(tmp_path / "a" / "model.safetensors", build_model("ebseg-tiny"), {"iteration": 1})
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    a, b = resolve_checkpoint(str(tmp_path / "a")), resolve_checkpoint(str(tmp_path / "b" / "model.safetensors"))
+    assert saved == a.digest == b.digest == weights_digest(str(tmp_path / "b" / "model.safetensors"))
+    assert build_model(a.model_config(), checkpoint=a).model_id == f"ebseg-tiny:{saved[:12]}"
+    assert build_model("ebseg-tiny", checkpoint=str(tmp_path / "b" / "model.safetensors")).model_id \
+        == f"ebseg-tiny:{saved[:12]}"
+    torch.manual_seed(1)
+    other = save_weights(tmp_path / "a" / "model.safetensors", build_model("ebseg-tiny"), {"iteration": 2})
+    assert other != saved and resolve_checkpoint(str(tmp_path / "a")).digest == other
+
+
 def test_retry_kinds_flag_names_every_error_kind():
     from jobs.label import _ALL_KINDS
     from pipeline.schema import ERROR_KINDS
