@@ -7,7 +7,6 @@ and tiny test variants (the parity fixture's dimensions) are the same code with 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,26 +154,6 @@ class EBSegConfig:
     test_min_size: int = 640
     test_max_size: int = 2560
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EBSegConfig":
-        sub = {"clip": CLIPConfig, "sam": SAMConfig, "pixel_decoder": PixelDecoderConfig,
-               "decoder": DecoderConfig, "criterion": CriterionConfig}
-        kwargs = {}
-        for k, v in d.items():
-            if k in sub:
-                kwargs[k] = _build_dataclass(sub[k], v)
-            elif k == "templates":
-                kwargs[k] = tuple(v)
-            else:
-                kwargs[k] = v
-        return cls(**kwargs)
-
     def validate(self) -> None:
         """The official code silently assumes these; a config that breaks them cannot load weights."""
         problems = []
@@ -192,15 +171,6 @@ class EBSegConfig:
             problems.append("sam.global_attn_indexes must name 4 blocks (res2..res5)")
         if problems:
             raise UserError("invalid EBSeg config: " + "; ".join(problems))
-
-
-def _build_dataclass(cls, values: dict[str, Any]):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
-    if unknown:
-        raise UserError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return cls(**fixed)
 
 
 def _ebseg_b() -> EBSegConfig:

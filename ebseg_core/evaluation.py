@@ -248,7 +248,3 @@ def mean_defined(values: list[float]) -> float:
     """Mean of the defined (non-NaN) values, NaN if none (a summary of per-class lists)."""
     ok = [v for v in values if not math.isnan(v)]
     return sum(ok) / len(ok) if ok else float("nan")
-
-
-def is_nan(x: float) -> bool:
-    return isinstance(x, float) and math.isnan(x)

@@ -830,7 +830,3 @@ def export_overlays(ds: LabelDataset, selection: pa.Table, out: str, lf: LabelFi
         res.written += 1
     return res
 
-
-EXPORTERS = {"generic": export_generic, "coco": export_coco, "label-studio": export_label_studio,
-             "masks": export_masks, "overlays": export_overlays}
-

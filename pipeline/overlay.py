@@ -43,17 +43,6 @@ def palette(n: int) -> np.ndarray:
     return np.array([class_color(i) for i in range(n)], dtype=np.uint8).reshape(n, 3)
 
 
-def colorize(label: np.ndarray, ignore_index: int | None = None) -> np.ndarray:
-    """HxWx3 uint8 colour image of a class-index map (ignored pixels black)."""
-    label = np.asarray(label).astype(np.int64)
-    n = int(label.max()) + 1 if label.size else 1
-    pal = palette(max(n, 1))
-    out = pal[np.clip(label, 0, n - 1)]
-    if ignore_index is not None:
-        out[label == ignore_index] = IGNORE_COLOR
-    return out
-
-
 @lru_cache(maxsize=8)
 def _font(size: int):
     try:

@@ -96,10 +96,6 @@ def _data_uri(img) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _fmt_int(v: float) -> str:
-    return f"{v:,.0f}"
-
-
 def build_report(labels_url: str, opts: ReportOptions | None = None) -> str:
     """The report HTML for a label dataset (local or s3://)."""
     opts = opts or ReportOptions()
