@@ -1,10 +1,9 @@
 """The ``ebseg`` command: one subcommand per module of ``jobs/``.
 
 Each subcommand module ``jobs/<name>.py`` exposes ``add_arguments(parser)``, ``run(args) -> int`` and
-a one-line docstring (the help text). Modules are found from a fixed list and imported only when their
-command runs, so ``ebseg --help`` is fast and does not load torch or Ray; a module that is not there
-is simply not listed. ``python -m jobs.<name>`` behaves exactly like ``ebseg <name>`` through
-:func:`module_main`.
+a one-line docstring (the help text). The commands are a fixed list; a module is imported only when its
+command runs (``--help`` reads the docstrings with ``ast``), so ``ebseg --help`` is fast and does not load
+torch or Ray. ``python -m jobs.<name>`` behaves exactly like ``ebseg <name>`` through :func:`module_main`.
 
 User mistakes (``ebseg_core.errors.UserError``, e.g. ``UsageError``, and ``FileNotFoundError`` raised while a command runs) print
 ``ebseg <command>: error: <message>`` and exit with status 2, without a traceback. Set
@@ -106,16 +105,6 @@ def command_name(module_name: str) -> str:
     return module_name.replace("_", "-")
 
 
-def _module_file(module_name: str) -> Path | None:
-    try:
-        spec = importlib.util.find_spec(f"jobs.{module_name}")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.origin:
-        return None
-    return Path(spec.origin)
-
-
 def _summary_without_import(path: Path) -> str:
     """First line of a module's docstring, read with ``ast`` so nothing heavy gets imported."""
     try:
@@ -125,13 +114,14 @@ def _summary_without_import(path: Path) -> str:
     return (doc or "").strip().splitlines()[0] if doc else "(no description)"
 
 
-def available_commands() -> dict[str, tuple[str, str]]:
-    """``{command name: (module name, one-line help)}`` for the subcommand modules present."""
+def commands() -> dict[str, tuple[str, str]]:
+    """``{command name: (module name, one-line help)}`` in ``SUBCOMMANDS`` order."""
     found = {}
     for module_name in SUBCOMMANDS:
-        path = _module_file(module_name)
-        if path is not None:
-            found[command_name(module_name)] = (module_name, _summary_without_import(path))
+        spec = importlib.util.find_spec(f"jobs.{module_name}")
+        if spec is None or not spec.origin:
+            raise ImportError(f"no module jobs.{module_name}")
+        found[command_name(module_name)] = (module_name, _summary_without_import(Path(spec.origin)))
     return found
 
 
@@ -151,19 +141,12 @@ def _run_guarded(prog: str, func, args: argparse.Namespace) -> int:
     return 0 if code is None else int(code)
 
 
-def _check_module(module: ModuleType) -> None:
-    missing = [f for f in ("add_arguments", "run") if not callable(getattr(module, f, None))]
-    if missing:
-        raise RuntimeError(f"{module.__name__} is not an ebseg subcommand: missing {', '.join(missing)}")
-
-
 def _describe(module: ModuleType) -> str:
     return (module.__doc__ or "").strip()
 
 
 def module_main(module: ModuleType, argv: list[str] | None = None) -> int:
     """What ``python -m jobs.<name>`` runs: parse ``argv`` with the module's arguments, then run it."""
-    _check_module(module)
     # Under `python -m jobs.x` the module is called "__main__"; its spec keeps the real name.
     spec = getattr(module, "__spec__", None)
     name = (spec.name if spec is not None else module.__name__).rsplit(".", 1)[-1]
@@ -187,7 +170,7 @@ def _version() -> str:
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only the ``selected`` command's module is imported to add its options."""
-    commands = available_commands()
+    listed = commands()
     parser = argparse.ArgumentParser(
         prog="ebseg",
         description="EBSeg on Ray: open-vocabulary semantic segmentation (EBSeg, CVPR 2024) in PyTorch, "
@@ -197,7 +180,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
-    for cmd, (module_name, summary) in commands.items():
+    for cmd, (module_name, summary) in listed.items():
         aliases = [module_name] if module_name != cmd else []
         p = sub.add_parser(
             cmd, aliases=aliases, help=summary, description=summary,
@@ -206,7 +189,6 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
         p.set_defaults(_module=module_name)
         if selected in (cmd, module_name):
             module = importlib.import_module(f"jobs.{module_name}")
-            _check_module(module)
             p.description = _describe(module) or summary
             module.add_arguments(p)
     return parser
