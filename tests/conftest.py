@@ -12,10 +12,12 @@ Fixtures
                         never an existing one. 8 logical CPUs on 2 cores on purpose: an actor pool must
                         not starve the read tasks (see shared RAY_NOTES).
 ``ray_head`` (session)  a real ``ray start --head --block`` cluster on loopback, in its own temp dir and
-                        on free ports, token auth off (``RAY_AUTH_MODE=disabled``). Attributes:
-                        ``address`` ("127.0.0.1:port", GCS), ``dashboard_url`` (for
-                        ``JobSubmissionClient`` / ``ray job submit --address``), ``env`` (the
-                        environment to run the ``ray`` CLI with), ``log_tail()``.
+                        on free ports, with token auth on as Ray 2.60 starts a head (its own token
+                        file, never ~/.ray/auth_token). Attributes: ``address`` ("127.0.0.1:port",
+                        GCS), ``dashboard_url`` (for ``ray job submit --address``), ``auth_env`` (the
+                        two variables a client needs: ``RAY_AUTH_MODE=token`` and
+                        ``RAY_AUTH_TOKEN_PATH``), ``env`` (the head's environment, auth included),
+                        ``client()`` (an authenticated ``JobSubmissionClient``), ``log_tail()``.
 ``blob_corpus`` (function) six blob images + label PNGs in a temp dir (see ebseg_core/data/synthetic.py).
 
 Ray: one process can be connected to only one cluster at a time, and ``ray_local`` connects this
@@ -36,6 +38,7 @@ import itertools
 import logging
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -187,7 +190,13 @@ class RayHead:
     dashboard_url: str
     temp_dir: str
     log_path: str
+    token: str = field(repr=False)
     env: dict[str, str] = field(repr=False)
+
+    @property
+    def auth_env(self) -> dict[str, str]:
+        """What a submitting shell or a driver needs to talk to this token-auth cluster."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.env["RAY_AUTH_TOKEN_PATH"]}
 
     def log_tail(self, n: int = 4000) -> str:
         """The end of ``ray start``'s own output (for assertion messages)."""
@@ -197,10 +206,10 @@ class RayHead:
             return ""
 
     def client(self):
-        """A ``JobSubmissionClient`` for this cluster."""
+        """A ``JobSubmissionClient`` for this cluster, authenticated by its token."""
         from ray.job_submission import JobSubmissionClient
 
-        return JobSubmissionClient(self.dashboard_url)
+        return JobSubmissionClient(self.dashboard_url, headers={"Authorization": f"Bearer {self.token}"})
 
     def submit_and_wait(
         self, entrypoint: str, timeout: float = 300, runtime_env: dict | None = None
@@ -211,10 +220,8 @@ class RayHead:
         with the head's environment (S3 env vars, this venv's ``python`` first on PATH, the repo on
         PYTHONPATH), cwd = the repository root. Raises AssertionError if it does not end in time.
         """
-        import uuid
-
         client = self.client()
-        submission_id = f"test-{uuid.uuid4().hex[:12]}"
+        submission_id = f"test-{secrets.token_hex(6)}"
         client.submit_job(
             entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env
         )
@@ -241,14 +248,20 @@ def ray_head(s3, tmp_path_factory):
         ray_exe = Path(shutil.which("ray") or "ray")
     # Short temp dir: Ray puts unix sockets in it (path length limit ~107 bytes).
     temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")
+    token = secrets.token_hex(32)
+    token_path = os.path.join(temp_dir, "auth_token")
+    with open(token_path, "w") as f:
+        f.write(token)
     log_path = str(tmp_path_factory.mktemp("ray_head") / "ray_start.log")
     gcs_port, dashboard_port, agent_port = free_port(), free_port(), free_port()
     env = {
         **os.environ,
         **s3.env,
         "RAY_USAGE_STATS_ENABLED": "0",
-        # A throwaway loopback cluster: no token auth, so clients need no shared ~/.ray/auth_token.
-        "RAY_AUTH_MODE": "disabled",
+        # Token auth on, as a Ray 2.60 head starts, with a token of its own (not ~/.ray/auth_token,
+        # which the embedded test clusters share): clients must present it (docs/labeling.md).
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": token_path,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": os.pathsep.join(
             p for p in [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")] if p
@@ -281,6 +294,7 @@ def ray_head(s3, tmp_path_factory):
         dashboard_url=f"http://127.0.0.1:{dashboard_port}",
         temp_dir=temp_dir,
         log_path=log_path,
+        token=token,
         env=env,
     )
     try:
@@ -296,12 +310,14 @@ def ray_head(s3, tmp_path_factory):
                 # /api/jobs/ is served by the JobHead subprocess of the dashboard, which starts
                 # after /api/version answers; submitting earlier gets the connection dropped.
                 if port_open(agent_port):
-                    with urllib.request.urlopen(f"{head.dashboard_url}/api/jobs/", timeout=5) as r:
+                    request = urllib.request.Request(f"{head.dashboard_url}/api/jobs/",
+                                                     headers={"Authorization": f"Bearer {token}"})
+                    with urllib.request.urlopen(request, timeout=5) as r:
                         if r.status == 200:
                             break
             except urllib.error.HTTPError as e:
                 raise RuntimeError(
-                    f"ray head dashboard answered {e.code} {e.reason} (token auth left on?)"
+                    f"ray head dashboard answered {e.code} {e.reason} (token not accepted?)"
                 ) from e
             except OSError:
                 pass

@@ -241,9 +241,7 @@ def test_sigkill_mid_job_then_rerun_is_exactly_once(ray_head, s3, s3_prefix, cor
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
     env = job_env(s3, ray_tmp)
     env["RAY_ADDRESS"] = ray_head.address
-    # The head runs without token auth; an earlier ray.init() in this pytest process (the ray_local
-    # fixture) left RAY_AUTH_MODE=token in os.environ, and a driver with it cannot start actors there.
-    env["RAY_AUTH_MODE"] = ray_head.env["RAY_AUTH_MODE"]
+    env.update(ray_head.auth_env)  # the head's token, not the one the embedded test clusters share
     out_path = s3_prefix.removeprefix("s3://")
     cmd = job_cmd(input_url, s3_prefix, "--shard-size", "2", "--batch-size", "2")
     log = open(tmp_path / "run1.log", "wb")
@@ -297,28 +295,29 @@ def test_transient_s3_errors_are_retried(s3, s3_prefix, corpus, tmp_path):
 
 
 def test_ray_job_submit(ray_head, s3, s3_prefix, corpus):
-    """`ray job submit -- python -m jobs.label ...` on a running cluster (JobSubmissionClient).
+    """`ray job submit --working-dir . -- python -m jobs.label ...` as docs/labeling.md shows it.
 
-    As docs/labeling.md says: the storage credentials come from the cluster's own environment (the
-    head was started with them, as a node with an instance role or its own settings), never from the
-    runtime env, which Ray writes to its logs in plain text."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
+    The head runs with token auth, as Ray 2.60 starts one: the submitting shell presents the head's token
+    (RAY_AUTH_MODE=token + RAY_AUTH_TOKEN_PATH), and without it the submission is refused. The submitting
+    shell holds no storage credentials: the job reads and writes the bucket with the head's own (a node
+    with an instance role or its own settings), never through the runtime env, which Ray logs in plain text."""
     input_url, expected = corpus
-    client = JobSubmissionClient(ray_head.dashboard_url)
-    args = " ".join(f"'{a}'" for a in job_cmd(input_url, s3_prefix)[1:])
-    job_id = client.submit_job(entrypoint=f"cd {REPO} && {sys.executable} {args}",
-                               runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    deadline = time.time() + 300
-    status = client.get_job_status(job_id)
-    while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.time() < deadline:
-        time.sleep(1)
-        status = client.get_job_status(job_id)
-    logs = client.get_job_logs(job_id)
-    if status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        client.stop_job(job_id)
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    assert "[label] complete:    yes" in logs
+    shell = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
+    shell["PATH"] = ray_head.env["PATH"]
+    label = ["python", *job_cmd(input_url, s3_prefix)[1:]]
+    submit = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_head.dashboard_url,
+              "--working-dir", "."]
+
+    refused = subprocess.run([*submit, "--", "python", "-c", "print('ran')"], cwd=REPO, env=shell,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "ran\n" not in refused.stdout, refused.stdout[-2000:]
+    assert "401" in refused.stdout + refused.stderr or "auth" in (refused.stdout + refused.stderr).lower()
+
+    proc = subprocess.run([*submit, "--", *label], cwd=REPO, env={**shell, **ray_head.auth_env},
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "[label] complete:    yes" in out
     check_rows(read_output(s3, s3_prefix), expected)
 
 
