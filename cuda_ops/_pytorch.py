@@ -86,11 +86,12 @@ def ms_deform_attn_pytorch(
     # One image per (sample, head): [N*heads, Lq, L, P, 2] grids in grid_sample's [-1, 1] range.
     grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1)
     weights = attention_weights.transpose(1, 2).flatten(0, 1)  # [N*heads, Lq, L, P]
-    out = None
+    out: Tensor | None = None
     for level, (level_value, (h, w)) in enumerate(zip(value.split([h * w for h, w in shapes], dim=1), shapes)):
         images = level_value.permute(0, 2, 3, 1).reshape(n * heads, ch, h, w)
         samples = F.grid_sample(images, grids[:, :, level], mode="bilinear", padding_mode="zeros",
                                 align_corners=False)  # [N*heads, C_head, Lq, P]
         term = (samples * weights[:, None, :, level]).sum(-1)
         out = term if out is None else out + term
+    assert out is not None  # check_inputs requires at least one level
     return out.view(n, heads * ch, lq).transpose(1, 2).contiguous()

@@ -244,7 +244,7 @@ def with_inference_settings(cfg: EBSegConfig, size: int | None = None, max_size:
     a, b, g = changes.get("alpha", cfg.alpha), changes.get("beta", cfg.beta), changes.get("gamma", cfg.gamma)
     if a + g > 1.0 or b + g > 1.0:
         raise UserError(f"inference weights alpha={a}, beta={b}, gamma={g}: alpha+gamma and beta+gamma must be <= 1")
-    return dataclasses.replace(cfg, **changes) if changes else cfg
+    return dataclasses.replace(cfg, **changes) if changes else cfg  # type: ignore[arg-type]
 
 
 def config_from_fixture(cfg: dict[str, Any]) -> EBSegConfig:

@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from .errors import UserError
 
 BOUNDARY_DILATION_RATIO = 0.02
@@ -122,7 +123,7 @@ class SemSegEvaluator:
     num_classes: int
     ignore_label: int = 255
     class_names: list[str] | None = None
-    matrix: np.ndarray = field(default=None)  # type: ignore[assignment]
+    matrix: np.ndarray = field(default=None)  # type: ignore[arg-type]  # sized in __post_init__
     num_images: int = 0
     boundary_matrix: np.ndarray | None = None  # Boundary IoU matrix (None above 254 classes)
     boundary_images: int = 0  # images whose boundary matrix was added (B-IoU is reported when all were)
@@ -170,7 +171,7 @@ class SemSegEvaluator:
         self.matrix += matrix
         self.num_images += num_images
 
-    def merge(self, other: "SemSegEvaluator") -> "SemSegEvaluator":
+    def merge(self, other: SemSegEvaluator) -> SemSegEvaluator:
         """Add another evaluator's counts into this one (distributed accumulation); returns self."""
         if other.num_classes != self.num_classes or other.ignore_label != self.ignore_label:
             raise EvaluationError("cannot merge evaluators of different class counts or ignore labels")
@@ -213,7 +214,7 @@ class SemSegEvaluator:
             "num_pixels": int(total),
             "num_classes_present": int(acc_valid.sum()),
         }
-        if self.has_boundary:
+        if self.has_boundary and self.boundary_matrix is not None:
             b = self.boundary_matrix.astype(np.float64)
             b_tp = b.diagonal()[:-1]
             b_union = b[:-1, :-1].sum(axis=0) + b[:-1, :-1].sum(axis=1) - b_tp

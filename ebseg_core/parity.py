@@ -33,9 +33,9 @@ from safetensors.torch import load_file
 
 from .checkpoint import load_ebseg_state_dict
 from .config import config_from_fixture
+from .errors import UserError
 from .model import EBSeg
 from .vocabulary import Vocabulary
-from .errors import UserError
 
 REQUIRED = ("config.json", "weights.safetensors", "inputs.safetensors", "vocab.json", "eval_outputs.safetensors")
 OUTPUT_SIZE_KEY = "eval_output_hw"  # config.json inputs key prefix; the shipped fixture's key has a suffix
@@ -151,7 +151,8 @@ def run_model(fixture: Fixture, model: EBSeg | None = None) -> ModelRun:
         if not any(k.startswith(f"bs1.img{b}.") for k in fixture.eval_ref):
             continue
         cap: dict = {}
-        cap["sem_seg"] = model.forward_eval([img], fixture.vocab, output_sizes=[fixture.output_sizes[b]], capture=cap)[0]
+        cap["sem_seg"] = model.forward_eval([img], fixture.vocab, output_sizes=[fixture.output_sizes[b]],
+                                            capture=cap)[0]
         fast_cls, _, _ = model.predict_masks([img], fixture.vocab)
         cap["fast_path.mask_cls_results"] = fast_cls.exp() - 1e-8
         run.single[b] = cap
@@ -175,13 +176,15 @@ def _run_train(model: EBSeg, fixture: Fixture, run: ModelRun) -> None:
     targets = [{"labels": inputs[f"train.gt_classes{b}"], "masks": inputs[f"train.gt_masks{b}"]} for b in range(n)]
     model.train()
     try:
-        fixed = FixedPointCoords(inputs["train.fixed_matcher_point_coords"], inputs["train.fixed_criterion_point_coords"])
+        fixed = FixedPointCoords(inputs["train.fixed_matcher_point_coords"],
+                                 inputs["train.fixed_criterion_point_coords"])
         run.train_losses = {k: v.detach() for k, v in
                             training_losses(model, images, targets, fixture.vocab, point_coords_provider=fixed).items()}
         # Official random point sampling replayed with the fixture's seed: informational, because it
         # also depends on the order of every torch.rand call (the fixed-points run above is the check).
         torch.manual_seed(1234)
-        run.rng_total_loss = float(sum(training_losses(model, images, targets, fixture.vocab).values()).detach())
+        losses = training_losses(model, images, targets, fixture.vocab)
+        run.rng_total_loss = float(sum(v.detach() for v in losses.values()))
     finally:
         model.eval()
 
@@ -365,11 +368,16 @@ def _mask_for_pooling(ref: dict, prefix: str, pred_key: str, grid: tuple[int, in
     return None
 
 
+def _hw(t: torch.Tensor) -> tuple[int, int]:
+    return int(t.shape[-2]), int(t.shape[-1])
+
+
 def check_eval(fixture: Fixture, run: ModelRun, report: Report) -> None:
     ref, ours, last = fixture.eval_ref, run.batch, run.last
     if "vocab.tokens" in fixture.inputs:
-        report.check("vocab.tokens", torch.equal(run.tokens, fixture.inputs["vocab.tokens"]), "(tokenizer equal)")
-    levels = [tuple(ours[k].shape[-2:]) for k in sorted(ours) if k.startswith("pixdec.multi_scale.")]
+        same = run.tokens is not None and torch.equal(run.tokens, fixture.inputs["vocab.tokens"])
+        report.check("vocab.tokens", same, "(tokenizer equal)")
+    levels = [_hw(ours[k]) for k in sorted(ours) if k.startswith("pixdec.multi_scale.")]
     attn: dict[int, Flip] = {}
     pool: dict[int, Flip] = {}
     for l in range(last + 1):
@@ -388,7 +396,7 @@ def check_eval(fixture: Fixture, run: ModelRun, report: Report) -> None:
             if f:
                 attn[l] = f
     eval_pool = None
-    grid = tuple(ours["final.mask_for_pooling"].shape[-2:])
+    grid = _hw(ours["final.mask_for_pooling"])
     ref_pool = _mask_for_pooling(ref, "", f"dec.pred_masks.{last}", grid)
     if ref_pool is not None:
         eval_pool = report.decision("decision: sigmoid(final.mask_for_pooling) > 0.5 (eval mask pooling)",
@@ -406,7 +414,8 @@ def check_eval(fixture: Fixture, run: ModelRun, report: Report) -> None:
         if run.scoremap is None:
             report.check("train.coco_text_embedding_scoremap", False, "(not produced)")
         else:
-            report.compare("train.coco_text_embedding_scoremap", run.scoremap, ref["train.coco_text_embedding_scoremap"])
+            report.compare("train.coco_text_embedding_scoremap", run.scoremap,
+                           ref["train.coco_text_embedding_scoremap"])
     for b, cap in sorted(run.single.items()):
         _check_single(b, cap, ref, last, report)
     for name in sorted(ref):

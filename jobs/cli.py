@@ -5,8 +5,8 @@ a one-line docstring (the help text). The commands are a fixed list; a module is
 command runs (``--help`` reads the docstrings with ``ast``), so ``ebseg --help`` is fast and does not load
 torch or Ray. ``python -m jobs.<name>`` behaves exactly like ``ebseg <name>`` through :func:`module_main`.
 
-User mistakes (``ebseg_core.errors.UserError``, e.g. ``UsageError``, and ``FileNotFoundError`` raised while a command runs) print
-``ebseg <command>: error: <message>`` and exit with status 2, without a traceback. Set
+User mistakes (``ebseg_core.errors.UserError``, e.g. ``UsageError``, and ``FileNotFoundError`` raised
+while a command runs) print ``ebseg <command>: error: <message>`` and exit with status 2, without a traceback. Set
 ``EBSEG_DEBUG=1`` to get the traceback instead.
 """
 
@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
+
 from ebseg_core.errors import UserError
 
 # Subcommands, in the order `ebseg --help` lists them (the order of a typical workflow).

@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _package_versions() -> tuple[dict[str, str | None], list[str]]:
-    versions, missing = {}, []
+    versions: dict[str, str | None] = {}
+    missing: list[str] = []
     for module_name, dist, required in PACKAGES:
         try:
             import_module(module_name)

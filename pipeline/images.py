@@ -122,7 +122,7 @@ def decode_image_with_info(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im: Image.Image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise DecodeError("too_large", str(exc)) from None
     except UnidentifiedImageError:

@@ -18,7 +18,7 @@ the mask from the alpha channel. We write 255 in all four channels of painted pi
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -8,8 +8,8 @@ copied into tickets and slides, away from any class list.
 from __future__ import annotations
 
 import colorsys
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -101,7 +101,7 @@ def overlay(
     font = _font(font_size)
     row_h = font_size + 8
     sw = font_size + 2
-    lines = [
+    lines: list[tuple[int | None, str]] = [
         (cid, f"{names[cid] if cid < len(names) else f'class {cid}'}  {frac * 100:.1f}%") for cid, frac in entries
     ]
     if hidden:

@@ -82,7 +82,7 @@ class PrepareSummary:
 # label conversions (pure functions, tested directly)
 # ---------------------------------------------------------------------------------------------------
 def _lut(mapping: dict[int, int], size: int = 256, ignore: int = 255, dtype: type = np.uint8) -> np.ndarray:
-    lut = np.full(size, ignore, dtype)
+    lut: np.ndarray = np.full(size, ignore, dtype)
     for k, v in mapping.items():
         lut[k] = v
     return lut

@@ -11,8 +11,8 @@ import datetime as dt
 import html
 import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from pipeline import curate as C
 from pipeline.overlay import class_color
@@ -24,7 +24,8 @@ h3{font-size:15px;margin:16px 0 6px} .muted{color:#666;font-size:13px}
 .cards{display:flex;flex-wrap:wrap;gap:12px;margin:12px 0}
 .card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px 16px;min-width:120px}
 .card .v{font-size:22px;font-weight:600} .card .k{font-size:12px;color:#666;text-transform:uppercase}
-table{border-collapse:collapse;background:#fff;font-size:13px} td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}
+table{border-collapse:collapse;background:#fff;font-size:13px}
+td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}
 th{background:#f0f0f0} td.n{text-align:right;font-variant-numeric:tabular-nums}
 .charts{display:flex;flex-wrap:wrap;gap:24px}
 .grid{display:flex;flex-wrap:wrap;gap:10px}
@@ -50,7 +51,7 @@ class ReportOptions:
 
 
 def _hex(rgb: tuple[int, int, int]) -> str:
-    return "#%02x%02x%02x" % rgb
+    return "#{:02x}{:02x}{:02x}".format(*rgb)
 
 
 def svg_bar_chart(title: str, items: Sequence[tuple[str, float, str]], fmt=lambda v: f"{v:,.0f}",
@@ -110,7 +111,7 @@ def build_report(labels_url: str, opts: ReportOptions | None = None) -> str:
     out.append(f'<div class="muted">{e(labels_url)} &middot; schema v{ds.meta.schema_version} &middot; '
                f'vocabulary {e(ds.meta.vocabulary_id or "?")} ({len(ds.names)} classes) &middot; model '
                f'{e(str(model.get("preset") or model.get("name") or model.get("model_id") or "?"))} &middot; '
-               f'generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}</div>')
+               f'generated {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M UTC}</div>')
 
     # Totals
     seen = sum(1 for c in st.classes if c.images)

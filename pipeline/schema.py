@@ -15,12 +15,14 @@ import datetime as _dt
 import hashlib
 import io
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
+
 from ebseg_core.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -333,7 +335,7 @@ def class_stats(label: np.ndarray, confidence: np.ndarray | None, names: Sequenc
             raise ValueError(f"confidence shape {np.shape(confidence)} differs from label shape {label.shape}")
         conf_sum = np.bincount(lab, weights=conf, minlength=n)
     else:
-        conf_sum = np.zeros(n)
+        conf_sum = np.zeros(n, dtype=np.float64)
     present = np.flatnonzero(counts)
     ys, xs = np.divmod(np.arange(total, dtype=np.int64), w)
     big = np.iinfo(np.int64).max
@@ -352,7 +354,7 @@ def class_stats(label: np.ndarray, confidence: np.ndarray | None, names: Sequenc
         out.append(
             {
                 "id": int(c),
-                "name": str(names[c]),
+                "name": str(names[int(c)]),
                 "pixel_fraction": float(counts[c] / total),
                 "pixels": int(counts[c]),
                 "mean_confidence": float(conf_sum[c] / counts[c]) if confidence is not None else float("nan"),
@@ -363,7 +365,7 @@ def class_stats(label: np.ndarray, confidence: np.ndarray | None, names: Sequenc
 
 
 def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 def make_ok_row(

@@ -49,7 +49,7 @@ def naive_msda(value, shapes, starts, loc, attn):
     shapes = shapes.cpu().tolist()
     starts = starts.cpu().tolist()
     n, _, heads, ch = value.shape
-    lq, lvl, pts = loc.shape[1], loc.shape[3], loc.shape[4]
+    lq, pts = loc.shape[1], loc.shape[4]
     out = np.zeros((n, lq, heads, ch))
     for b in range(n):
         for q in range(lq):

@@ -141,7 +141,7 @@ def test_empty():
 
 
 def test_not_image():
-    for data in (b"<html><body>404 Not Found</body></html>", b"\x00" * 100, "plain text".encode()):
+    for data in (b"<html><body>404 Not Found</body></html>", b"\x00" * 100, b"plain text"):
         with pytest.raises(DecodeError) as e:
             decode_image(data)
         assert e.value.kind == "not_image"

@@ -100,7 +100,7 @@ def _rows(n_classes: int = 5):
     names = [f"class{i}" for i in range(n_classes)]
     lab = _blocks(16, 24, n_classes, seed=5)
     conf = np.full(lab.shape, 0.5, dtype=np.float32)
-    at = dt.datetime(2024, 5, 6, 7, 8, 9, 123000, tzinfo=dt.timezone.utc)
+    at = dt.datetime(2024, 5, 6, 7, 8, 9, 123000, tzinfo=dt.UTC)
     ok = S.make_ok_row("mem://x/1.png", lab, conf, names, "ebseg-b", "vocab1", labeled_at=at, source_bytes=99)
     err = S.make_error_row("mem://x/2.png", "decode", "cannot identify image file", "ebseg-b", "vocab1", labeled_at=at)
     return names, lab, conf, ok, err
@@ -120,7 +120,7 @@ def test_rows_write_and_read_back_through_parquet(tmp_path):
     assert rows[0]["width"] == 24 and rows[0]["height"] == 16
     np.testing.assert_array_equal(S.decode_label_png(rows[0]["label_png"]), lab)
     assert S.decode_label_png(rows[0]["label_png"]).dtype == np.uint16
-    assert rows[0]["labeled_at"] == dt.datetime(2024, 5, 6, 7, 8, 9, 123000, tzinfo=dt.timezone.utc)
+    assert rows[0]["labeled_at"] == dt.datetime(2024, 5, 6, 7, 8, 9, 123000, tzinfo=dt.UTC)
     assert rows[0]["source_bytes"] == 99
     assert rows[1]["error_kind"] == "decode" and rows[1]["label_png"] is None and rows[1]["classes"] == []
     assert rows[0]["image_id"] == S.image_id_for("mem://x/1.png")
