@@ -112,8 +112,19 @@ def build_report(labels_url: str, opts: ReportOptions | None = None) -> str:
                f'vocabulary {e(ds.meta.vocabulary_id or "?")} ({len(ds.names)} classes) &middot; model '
                f'{e(str(model.get("preset") or model.get("name") or model.get("model_id") or "?"))} &middot; '
                f'generated {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M UTC}</div>')
+    _totals(out, ds, st)
+    _errors(out, ds, st, opts)
+    classes = sorted([c for c in st.classes if c.images], key=lambda c: (-c.images, c.id))
+    shown = classes[:opts.max_classes]
+    colour = {c.id: _hex(class_color(c.id)) for c in classes}
+    _classes(out, ds, st, classes, shown, colour)
+    _samples(out, ds, shown, colour, opts)
+    out.append("</body></html>")
+    return "".join(out)
 
-    # Totals
+
+def _totals(out: list[str], ds, st) -> None:
+    e = html.escape
     seen = sum(1 for c in st.classes if c.images)
     cards = [("rows", st.rows), ("labelled", st.ok), ("errors", st.errors),
              ("megapixels", round(st.pixels / 1e6, 2)), ("classes seen", f"{seen} / {len(ds.names)}")]
@@ -123,30 +134,32 @@ def build_report(labels_url: str, opts: ReportOptions | None = None) -> str:
                    f'<div class="k">{e(k)}</div></div>')
     out.append("</div>")
 
-    # Errors
-    out.append('<h2>Errors by kind</h2>')
-    if st.errors:
-        kinds = sorted(st.errors_by_kind.items(), key=lambda kv: -kv[1])
-        out.append(svg_bar_chart("errors by kind", [(k, v, "#d9534f") for k, v in kinds]))
-        out.append('<table id="errors"><tr><th>kind</th><th>rows</th><th>examples</th></tr>')
-        for kind, n in kinds:
-            ex = C.query(ds, C.Query(status="error", error_kinds=[kind], limit=opts.errors_listed),
-                         columns=["uri", "error"]).to_pylist()
-            items = "<br>".join(f"{e(r['uri'])} &mdash; <span class=\"err\">{e((r['error'] or '')[:160])}</span>"
-                                for r in ex)
-            out.append(f"<tr><td>{e(kind)}</td><td class=\"n\">{n}</td><td>{items}</td></tr>")
-        out.append("</table>")
-    else:
-        out.append('<p class="muted">No errors: every input was labelled.</p>')
 
-    # Per-class charts and table
-    classes = sorted([c for c in st.classes if c.images], key=lambda c: (-c.images, c.id))
-    shown = classes[:opts.max_classes]
+def _errors(out: list[str], ds, st, opts: ReportOptions) -> None:
+    e = html.escape
+    out.append('<h2>Errors by kind</h2>')
+    if not st.errors:
+        out.append('<p class="muted">No errors: every input was labelled.</p>')
+        return
+    kinds = sorted(st.errors_by_kind.items(), key=lambda kv: -kv[1])
+    out.append(svg_bar_chart("errors by kind", [(k, v, "#d9534f") for k, v in kinds]))
+    out.append('<table id="errors"><tr><th>kind</th><th>rows</th><th>examples</th></tr>')
+    for kind, n in kinds:
+        ex = C.query(ds, C.Query(status="error", error_kinds=[kind], limit=opts.errors_listed),
+                     columns=["uri", "error"]).to_pylist()
+        items = "<br>".join(f"{e(r['uri'])} &mdash; <span class=\"err\">{e((r['error'] or '')[:160])}</span>"
+                            for r in ex)
+        out.append(f"<tr><td>{e(kind)}</td><td class=\"n\">{n}</td><td>{items}</td></tr>")
+    out.append("</table>")
+
+
+def _classes(out: list[str], ds, st, classes: list, shown: list, colour: dict[int, str]) -> None:
+    """Per-class charts (the ``shown`` classes) and the table of every class present."""
+    e = html.escape
     out.append("<h2>Classes</h2>")
     if len(classes) > len(shown):
         out.append(f'<p class="muted">Charts show the {len(shown)} classes in most images '
                    f'(of {len(classes)} present); the table lists all.</p>')
-    colour = {c.id: _hex(class_color(c.id)) for c in classes}
     out.append('<div class="charts">')
     out.append(svg_bar_chart("images per class", [(c.name, c.images, colour[c.id]) for c in shown]))
     total_px = st.pixels or 1
@@ -173,40 +186,41 @@ def build_report(labels_url: str, opts: ReportOptions | None = None) -> str:
         out.append(f'<p class="muted">Never predicted ({len(absent)}): {e(", ".join(absent[:60]))}'
                    f'{" ..." if len(absent) > 60 else ""}</p>')
 
-    # Sample overlays per class
+
+def _samples(out: list[str], ds, shown: list, colour: dict[int, str], opts: ReportOptions) -> None:
+    """Up to ``opts.samples_per_class`` overlays per shown class; each image is rendered once."""
+    e = html.escape
     out.append("<h2>Samples</h2>")
-    if shown and opts.samples_per_class > 0:
-        out.append(f'<p class="muted">Up to {opts.samples_per_class} random images per class (seed {opts.seed}), '
-                   'class colours blended over the image, legend on the right.</p>')
-        ok = C.query(ds, C.Query(status="ok"), columns=["image_id", "status", "uri", "classes"])
-        lf = C.make_label_filter(ds, min_confidence=opts.min_pixel_confidence) \
-            if opts.min_pixel_confidence is not None else None
-        cache: dict[str, str] = {}
-        for c in shown:
-            picked = C.stratified_sample(ok, opts.samples_per_class, seed=opts.seed, class_ids=[c.id])
-            ids = picked.column("image_id").to_pylist()
-            out.append(f'<h3 id="samples-{c.id}"><span class="swatch" style="background:{colour[c.id]}"></span>'
-                       f'{e(c.name)}</h3><div class="grid">')
-            for row in ds.fetch(ids).to_pylist():
-                frac = next((x["pixel_fraction"] for x in row["classes"] or [] if x["id"] == c.id), 0.0)
-                if row["image_id"] not in cache:
-                    try:
-                        cache[row["image_id"]] = _data_uri(C.overlay_for_row(ds, row, lf, max_side=opts.max_side,
-                                                                           min_side=opts.min_side))
-                    except Exception as ex:  # noqa: BLE001 - a vanished source image must not kill the report
-                        cache[row["image_id"]] = ""
-                        out.append(f'<figure><figcaption class="err">{e(row["uri"])}: '
-                                   f'{e(type(ex).__name__)}: {e(str(ex)[:120])}</figcaption></figure>')
-                        continue
-                if cache[row["image_id"]]:
-                    out.append(f'<figure><img alt="{e(row["uri"])}" src="{cache[row["image_id"]]}">'
-                               f'<figcaption>{e(row["uri"].rsplit("/", 1)[-1])} &middot; {e(c.name)} '
-                               f'{100 * frac:.1f}%</figcaption></figure>')
-            out.append("</div>")
-    else:
+    if not shown or opts.samples_per_class <= 0:
         out.append('<p class="muted">No labelled images.</p>')
-    out.append("</body></html>")
-    return "".join(out)
+        return
+    out.append(f'<p class="muted">Up to {opts.samples_per_class} random images per class (seed {opts.seed}), '
+               'class colours blended over the image, legend on the right.</p>')
+    ok = C.query(ds, C.Query(status="ok"), columns=["image_id", "status", "uri", "classes"])
+    lf = C.make_label_filter(ds, min_confidence=opts.min_pixel_confidence) \
+        if opts.min_pixel_confidence is not None else None
+    cache: dict[str, str] = {}
+    for c in shown:
+        picked = C.stratified_sample(ok, opts.samples_per_class, seed=opts.seed, class_ids=[c.id])
+        ids = picked.column("image_id").to_pylist()
+        out.append(f'<h3 id="samples-{c.id}"><span class="swatch" style="background:{colour[c.id]}"></span>'
+                   f'{e(c.name)}</h3><div class="grid">')
+        for row in ds.fetch(ids).to_pylist():
+            frac = next((x["pixel_fraction"] for x in row["classes"] or [] if x["id"] == c.id), 0.0)
+            if row["image_id"] not in cache:
+                try:
+                    cache[row["image_id"]] = _data_uri(C.overlay_for_row(ds, row, lf, max_side=opts.max_side,
+                                                                       min_side=opts.min_side))
+                except Exception as ex:  # noqa: BLE001 - a vanished source image must not kill the report
+                    cache[row["image_id"]] = ""
+                    out.append(f'<figure><figcaption class="err">{e(row["uri"])}: '
+                               f'{e(type(ex).__name__)}: {e(str(ex)[:120])}</figcaption></figure>')
+                    continue
+            if cache[row["image_id"]]:
+                out.append(f'<figure><img alt="{e(row["uri"])}" src="{cache[row["image_id"]]}">'
+                           f'<figcaption>{e(row["uri"].rsplit("/", 1)[-1])} &middot; {e(c.name)} '
+                           f'{100 * frac:.1f}%</figcaption></figure>')
+        out.append("</div>")
 
 
 def write_report(labels_url: str, out_url: str, opts: ReportOptions | None = None) -> int:
