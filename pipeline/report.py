@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+from ebseg_core.storage import write_bytes_atomic
 from pipeline import curate as C
 from pipeline.overlay import class_color
 
@@ -214,10 +215,7 @@ def build_report(labels_url: str, opts: ReportOptions | None = None) -> str:
 
 def write_report(labels_url: str, out_url: str, opts: ReportOptions | None = None) -> int:
     """Build the report and write it (local path or s3://); returns its size in bytes."""
-    from pipeline.storage import open_url
-
     data = build_report(labels_url, opts).encode("utf-8")
-    with open_url(out_url, "wb") as f:
-        f.write(data)
+    write_bytes_atomic(out_url, data)
     return len(data)
 
