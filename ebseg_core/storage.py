@@ -309,7 +309,7 @@ def _iter_s3(fs, url: str, path: str, exts, glob) -> Iterator[tuple[str, str | N
                 if item.get("type") == "directory" or name.endswith("/"):
                     continue
                 found_any = True
-                rel = name[len(bucket) + 1 + len(prefix):]
+                rel = name[len(bucket) + 1 + len(prefix) :]
                 if _matches(rel, exts, glob):
                     yield "s3://" + name, _s3_version(item)
             if len(chunk) < _LIST_CHUNK:
@@ -340,14 +340,12 @@ def _iter_walk(fs, url: str, path: str, exts, glob) -> Iterator[tuple[str, str |
         dirnames.sort()
         for name in sorted(filenames):
             full = f"{dirpath.rstrip('/')}/{name}"
-            rel = full[len(root) + 1:] if full.startswith(root + "/") else name
+            rel = full[len(root) + 1 :] if full.startswith(root + "/") else name
             if _matches(rel, exts, glob):
                 yield url_for(url, full), None
 
 
-def open_url(
-    url: str | os.PathLike, mode: str = "rb", storage_options: dict | None = None, **kwargs: Any
-) -> IO:
+def open_url(url: str | os.PathLike, mode: str = "rb", storage_options: dict | None = None, **kwargs: Any) -> IO:
     """Open a local path or URL. Writing to a local path creates its parent directories.
 
     Raises FileNotFoundError naming the URL when reading something that does not exist.
@@ -367,10 +365,28 @@ def open_url(
 # ---------------------------------------------------------------------------------------------
 
 _TRANSIENT_MARKERS = (
-    "slowdown", "slow down", "503", "service unavailable", "throttl", "requesttimeout", "request timeout",
-    "timed out", "timeout", "connection reset", "connection aborted", "connectionerror", "broken pipe",
-    "500", "internalerror", "internal error", "too many requests", "429", "temporarily", "remotedisconnected",
-    "endpointconnectionerror", "could not connect",
+    "slowdown",
+    "slow down",
+    "503",
+    "service unavailable",
+    "throttl",
+    "requesttimeout",
+    "request timeout",
+    "timed out",
+    "timeout",
+    "connection reset",
+    "connection aborted",
+    "connectionerror",
+    "broken pipe",
+    "500",
+    "internalerror",
+    "internal error",
+    "too many requests",
+    "429",
+    "temporarily",
+    "remotedisconnected",
+    "endpointconnectionerror",
+    "could not connect",
 )
 
 
@@ -387,9 +403,18 @@ def is_transient(exc: BaseException) -> bool:
 # Errors about the job's access to storage rather than about one file: every other read of the job
 # would fail the same way, so they stop the job (inputs left unlabeled for the rerun), never become rows.
 _CREDENTIAL_MARKERS = (
-    "expiredtoken", "token has expired", "tokenrefreshrequired", "invalidtoken", "invalidaccesskeyid",
-    "signaturedoesnotmatch", "security token included in the request is invalid", "requestexpired",
-    "nocredentialserror", "unable to locate credentials", "partialcredentialserror", "credentialretrievalerror",
+    "expiredtoken",
+    "token has expired",
+    "tokenrefreshrequired",
+    "invalidtoken",
+    "invalidaccesskeyid",
+    "signaturedoesnotmatch",
+    "security token included in the request is invalid",
+    "requestexpired",
+    "nocredentialserror",
+    "unable to locate credentials",
+    "partialcredentialserror",
+    "credentialretrievalerror",
 )
 
 
@@ -432,7 +457,8 @@ def retry_io(fn: Callable[..., T], *args: Any, retries: int = 6, **kwargs: Any) 
 
 
 class WriteError(UserError):
-    """Writing ``url`` failed for a reason a retry does not fix (full disk, no permission, read-only store)."""
+    """Writing ``url`` failed for a reason a retry does not fix (full disk, no permission, read-only store,
+    or a store still failing after the retries); a UserError, so the command prints its one line."""
 
     def __init__(self, url: str, reason: str):
         super().__init__(url, reason)

@@ -30,15 +30,13 @@ def root(request, tmp_path):
 
 
 def _rel(root: str, url: str) -> str:
-    return url[len(root.rstrip("/")) + 1:]
+    return url[len(root.rstrip("/")) + 1 :]
 
 
 def test_iter_files_lists_recursively_in_order(root):
     _make_tree(root)
     found = [_rel(root, u) for u in storage.iter_files(root)]
-    assert sorted(found) == sorted(
-        ["a.jpg", "b.PNG", "notes.txt", "sub/c.jpg", "sub/deeper/d.jpeg", "sub2/e.png"]
-    )
+    assert sorted(found) == sorted(["a.jpg", "b.PNG", "notes.txt", "sub/c.jpg", "sub/deeper/d.jpeg", "sub2/e.png"])
     assert found == [_rel(root, u) for u in storage.iter_files(root)], "deterministic order"
 
 
@@ -74,7 +72,7 @@ def test_iter_files_single_file_and_missing(root):
 def test_iter_files_is_lazy_on_s3(s3, s3_prefix, monkeypatch):
     """The first key comes back after one listing page, before the rest of the prefix is listed."""
     monkeypatch.setattr(storage, "_LIST_CHUNK", 10)
-    base = s3_prefix[len("s3://"):]
+    base = s3_prefix[len("s3://") :]
     s3.fs.pipe({f"{base}k{i:03d}.bin": b"x" for i in range(35)})
     calls = []
     fs, _ = storage.filesystem_for(s3_prefix)
@@ -227,8 +225,11 @@ def test_unknown_scheme_is_not_a_write_error():
 def test_sweep_temp_files_removes_only_interrupted_writes(tmp_path):
     out = tmp_path / "out"
     (out / "_parts" / "shard-000001").mkdir(parents=True)
-    litter = [out / ".labels-000000.parquet.abc123.tmp", out / "_parts" / "shard-000001" / ".frag.parquet.x.tmp",
-              out / ".tmp-old"]
+    litter = [
+        out / ".labels-000000.parquet.abc123.tmp",
+        out / "_parts" / "shard-000001" / ".frag.parquet.x.tmp",
+        out / ".tmp-old",
+    ]
     kept = [out / "labels-000000.parquet", out / ".hidden", out / "_parts" / "shard-000001" / "frag.parquet"]
     for p in litter + kept:
         p.write_bytes(b"x")
@@ -246,10 +247,19 @@ class _S3Error(Exception):
 
 
 def test_error_classification():
-    transient = [TimeoutError("read"), ConnectionResetError(104, "reset"), OSError("SlowDown: reduce your rate"),
-                 RuntimeError("503 Service Unavailable")]
-    permanent = [FileNotFoundError("s3://b/k"), PermissionError("Forbidden"), IsADirectoryError("d"),
-                 OSError("No space left on device"), ValueError("bad header")]
+    transient = [
+        TimeoutError("read"),
+        ConnectionResetError(104, "reset"),
+        OSError("SlowDown: reduce your rate"),
+        RuntimeError("503 Service Unavailable"),
+    ]
+    permanent = [
+        FileNotFoundError("s3://b/k"),
+        PermissionError("Forbidden"),
+        IsADirectoryError("d"),
+        OSError("No space left on device"),
+        ValueError("bad header"),
+    ]
     assert [storage.is_transient(e) for e in transient] == [True] * len(transient)
     assert [storage.is_transient(e) for e in permanent] == [False] * len(permanent)
 
