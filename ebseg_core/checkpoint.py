@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from .config import EBSegConfig, preset_config, with_inference_settings
-from .model import EBSeg
-from .vocabulary import Vocabulary
 from .errors import UserError
+from .model import EBSeg
+from .storage import WriteError, filesystem_for, open_url, url_for, write_bytes_atomic
+from .vocabulary import Vocabulary
 
 # Constant buffers of the official model that we do not keep as state.
 IGNORED_OFFICIAL_KEYS = ("criterion.empty_weight",)
@@ -52,9 +53,7 @@ def resolve_path(path_or_url: str) -> Path:
         if parsed.scheme in ("http", "https"):
             torch.hub.download_url_to_file(str(path_or_url), str(tmp), progress=True)
         else:
-            import fsspec
-
-            with fsspec.open(str(path_or_url), "rb") as src, open(tmp, "wb") as dst:
+            with open_url(str(path_or_url), "rb") as src, open(tmp, "wb") as dst:
                 while chunk := src.read(1 << 24):
                     dst.write(chunk)
     except FileNotFoundError:
@@ -223,11 +222,8 @@ def weights_digest(path_or_url: str) -> str:
             h.update(chunk)
     digest = h.hexdigest()
     try:
-        sidecar.parent.mkdir(parents=True, exist_ok=True)
-        tmp = sidecar.with_name(f"{sidecar.name}.{os.getpid()}.tmp")
-        tmp.write_text(f"{key} {digest}\n")
-        os.replace(tmp, sidecar)
-    except OSError:  # a read-only cache only costs the hash again next time
+        write_bytes_atomic(str(sidecar), f"{key} {digest}\n".encode())
+    except WriteError:  # a read-only cache only costs the hash again next time
         pass
     return digest
 
@@ -260,17 +256,9 @@ def save_weights(path: str | Path, model: EBSeg, metadata: dict) -> str:
     return weights_digest(str(path))
 
 
-def _fs(url: str):
-    import fsspec
-
-    options = {"use_listings_cache": False} if url.startswith(("s3://", "s3a://")) else {}
-    return fsspec.core.url_to_fs(url, **options)
-
-
 def _safetensors_header(url: str) -> dict:
     """The JSON header of a safetensors file (local or fsspec URL), read without the tensor data."""
-    fs, path = _fs(url)
-    with fs.open(path, "rb") as f:
+    with open_url(url, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
             raise CheckpointError(f"{url} is not a safetensors file (too short)")
@@ -399,13 +387,6 @@ def _checkpoint_dirs(fs, run_path: str) -> list[str]:
     return sorted(out)
 
 
-def _url(url: str, fs, path: str) -> str:
-    """fsspec path back to a URL in the user's scheme."""
-    if "://" not in url:
-        return path
-    return f"{url.split('://', 1)[0]}://{path}"
-
-
 def _val_score(fs, ckpt_dir: str) -> float:
     try:
         meta = json.loads(fs.cat_file(f"{ckpt_dir}/{META_FILE}"))
@@ -426,7 +407,7 @@ def resolve_checkpoint(url: str, preset: str | None = None, best: bool = False) 
     if url.startswith(("http://", "https://")):
         weights = url
     else:
-        fs, path = _fs(url)
+        fs, path = filesystem_for(url)
         path = path.rstrip("/")
         if path.endswith("/" + TRAIN_STATE_FILE) or path == TRAIN_STATE_FILE:
             path = path[: -len(TRAIN_STATE_FILE)].rstrip("/") or "."
@@ -443,7 +424,7 @@ def resolve_checkpoint(url: str, preset: str | None = None, best: bool = False) 
                 path = f"{chosen}/{WEIGHTS_FILE}"
         elif not fs.exists(path):
             raise FileNotFoundError(f"checkpoint not found: {url}")
-        weights = _url(url, fs, path)
+        weights = url_for(url, path)
     shapes, meta = weight_shapes(weights)
     found = meta.get("preset") or infer_preset(shapes)
     if preset and found and preset != found:

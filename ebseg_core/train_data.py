@@ -30,12 +30,12 @@ import posixpath
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from .errors import UserError
+from .storage import filesystem_for, join, read_bytes, url_for
 
 __all__ = [
     "AugmentConfig",
@@ -113,25 +113,6 @@ class DatasetSpec:
     storage_options: dict = field(default_factory=dict)
 
 
-def _fs(url: str, storage_options: dict | None = None):
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    return fs, path
-
-
-def _join(root: str, *parts: str) -> str:
-    if "://" in root:
-        return root.rstrip("/") + "/" + "/".join(parts)
-    return posixpath.join(root, *parts)
-
-
-def _unstrip(fs, root_url: str, path: str) -> str:
-    """Turn a path returned by ``fs.find`` back into a URL with the root's protocol."""
-    if "://" in root_url:
-        proto = root_url.split("://", 1)[0]
-        return f"{proto}://{path}"
-    return path
-
-
 def _find(fs, base: str, exts: tuple[str, ...]) -> dict[str, str]:
     """Files under ``base`` with one of ``exts``, keyed by relative path without extension."""
     if not fs.exists(base):
@@ -154,7 +135,7 @@ def read_class_names(url: str, storage_options: dict | None = None) -> list[tupl
     """
     from .data.benchmarks import BenchmarkError, parse_class_list
 
-    fs, path = _fs(url, storage_options)
+    fs, path = filesystem_for(url, storage_options)
     if not fs.exists(path):
         raise DatasetError(f"class-name file not found: {url} (one class per line, synonyms separated by ';')")
     try:
@@ -170,25 +151,25 @@ def list_dataset(spec: DatasetSpec) -> tuple[list[Sample], list[tuple[str, list[
     files), images without a label file and labels without an image are skipped; their counts are
     logged as a warning naming an example. Only a dataset with no pair left is refused.
     """
-    fs, root = _fs(spec.root, spec.storage_options)
+    fs, root = filesystem_for(spec.root, spec.storage_options)
     if spec.layout == "generic":
-        img_dir, lab_dir = _join(root, "images"), _join(root, "labels")
-        class_names = read_class_names(_unstrip(fs, spec.root, _join(root, "class_names.txt")), spec.storage_options)
+        img_dir, lab_dir = join(root, "images"), join(root, "labels")
+        class_names = read_class_names(url_for(spec.root, join(root, "class_names.txt")), spec.storage_options)
     elif spec.layout == "coco171":
-        img_dir = _join(root, "coco", spec.split)
-        lab_dir = _join(root, "coco", "stuffthingmaps_detectron2", spec.split)
+        img_dir = join(root, "coco", spec.split)
+        lab_dir = join(root, "coco", "stuffthingmaps_detectron2", spec.split)
         class_names = None
     else:
         raise DatasetError(f"unknown dataset layout {spec.layout!r}: use 'generic' or 'coco171'")
     images = _find(fs, img_dir, IMAGE_EXTENSIONS)
     if not images:
-        raise DatasetError(f"no images found under {_unstrip(fs, spec.root, img_dir)} (layout {spec.layout!r})")
+        raise DatasetError(f"no images found under {url_for(spec.root, img_dir)} (layout {spec.layout!r})")
     labels = _find(fs, lab_dir, (".png",))
-    samples = [Sample(_unstrip(fs, spec.root, ipath), _unstrip(fs, spec.root, labels[key]))
+    samples = [Sample(url_for(spec.root, ipath), url_for(spec.root, labels[key]))
                for key, ipath in images.items() if key in labels]
-    unlabeled = [_unstrip(fs, spec.root, ipath) for key, ipath in images.items() if key not in labels]
+    unlabeled = [url_for(spec.root, ipath) for key, ipath in images.items() if key not in labels]
     orphans = len(labels.keys() - images.keys())
-    where = _unstrip(fs, spec.root, lab_dir)
+    where = url_for(spec.root, lab_dir)
     if not samples:
         raise DatasetError(
             f"no (image, label) pairs in {spec.root}: none of the {len(images)} image(s) has a label file under "
@@ -199,7 +180,7 @@ def list_dataset(spec: DatasetSpec) -> tuple[list[Sample], list[tuple[str, list[
                     spec.root, len(unlabeled), len(images), where, unlabeled[0], len(samples))
     if orphans:
         log.warning("%s: skipping %d label file(s) without an image under %s",
-                    spec.root, orphans, _unstrip(fs, spec.root, img_dir))
+                    spec.root, orphans, url_for(spec.root, img_dir))
     return samples, class_names
 
 
@@ -207,15 +188,10 @@ def key_hint(path: str) -> str:
     return posixpath.splitext(posixpath.basename(path))[0]
 
 
-def _read_bytes(url: str, storage_options: dict | None) -> bytes:
-    fs, path = _fs(url, storage_options)
-    return fs.cat_file(path)
-
-
 def read_sample(sample: Sample, num_classes: int | None, storage_options: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode one sample: RGB uint8 [H,W,3] and label int64 [H,W]; DatasetError names the bad file."""
     try:
-        with Image.open(io.BytesIO(_read_bytes(sample.image, storage_options))) as im:
+        with Image.open(io.BytesIO(read_bytes(sample.image, storage_options))) as im:
             im = ImageOps.exif_transpose(im)
             image = np.asarray(im.convert("RGB"))
     except DatasetError:
@@ -223,7 +199,7 @@ def read_sample(sample: Sample, num_classes: int | None, storage_options: dict |
     except Exception as e:  # noqa: BLE001 - any decoder failure is a data problem of this file
         raise DatasetError(f"unreadable image {sample.image}: {e}") from None
     try:
-        with Image.open(io.BytesIO(_read_bytes(sample.label, storage_options))) as lm:
+        with Image.open(io.BytesIO(read_bytes(sample.label, storage_options))) as lm:
             if lm.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
                 raise DatasetError(
                     f"label {sample.label} has mode {lm.mode}; expected a single-channel PNG of class indices"

@@ -203,10 +203,9 @@ def _cmd_query(ds, args) -> int:
             lines.append(f"{r['image_id'][:12]}  {r['uri']}  {desc}")
     text = "".join(line + "\n" for line in lines)
     if args.output:
-        from pipeline.storage import open_url
+        from ebseg_core.storage import write_bytes_atomic
 
-        with open_url(args.output, "wb") as f:
-            f.write(text.encode())
+        write_bytes_atomic(args.output, text.encode())
         print(f"{len(rows)} rows written to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)

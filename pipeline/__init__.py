@@ -1,5 +1,5 @@
-"""Ray side of EBSeg-on-Ray: storage helpers, the labeling pipeline, training loop and curation.
+"""Ray side of EBSeg-on-Ray: input listing, the labeling pipeline, training loop and curation.
 
-Submodules are imported explicitly (``from pipeline import storage``) so that importing the package
+Submodules are imported explicitly (``from pipeline import listing``) so that importing the package
 stays cheap and does not pull in Ray or torch.
 """

@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from pipeline import schema as S
-from pipeline.storage import filesystem_for, read_bytes
 from ebseg_core.errors import UserError
+from ebseg_core.storage import exists, filesystem_for, join, read_bytes, write_bytes_atomic
+from pipeline import schema as S
 
 LIGHT_COLUMNS = [
     "image_id", "uri", "status", "error_kind", "error", "width", "height", "classes",
@@ -410,9 +410,8 @@ def stats(ds: LabelDataset, q: Query | None = None) -> DatasetStats:
 def run_history(url: str) -> list[dict]:
     """The run history ``ebseg label`` keeps under an output directory (``_runs.json``); [] when none."""
     from pipeline.label import RUNS_LOG
-    from pipeline.listing import exists, join_url
 
-    history = join_url(url, RUNS_LOG)
+    history = join(url, RUNS_LOG)
     try:
         if not exists(history):
             return []
@@ -424,16 +423,6 @@ def run_history(url: str) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # Exports
 # ---------------------------------------------------------------------------------------------
-
-
-def output_fs(url: str):
-    """(fsspec filesystem, root path) for an export destination (local dir or s3://...)."""
-    return filesystem_for(url)
-
-
-def read_uri(uri: str) -> bytes:
-    """Bytes of an input image by URI (local path or any fsspec URL)."""
-    return read_bytes(uri)
 
 
 @dataclass
@@ -507,14 +496,6 @@ def _encode_png(arr: np.ndarray, ignore_index: int) -> bytes:
     return buf.getvalue()
 
 
-def _put(fs, path: str, data: bytes) -> None:
-    """Write a file, creating its parent directory on local disks (object stores need none)."""
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    if "file" in protocols or "local" in protocols:
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(path, data)
-
-
 def _ok_rows(ds: LabelDataset, selection: pa.Table, columns=HEAVY_COLUMNS) -> Iterable[dict]:
     """Rows of the selection with heavy columns, fetched in chunks (bounded memory)."""
     ids = [i for i, s in zip(selection.column("image_id").to_pylist(),
@@ -562,7 +543,7 @@ def export_generic(ds: LabelDataset, selection: pa.Table, out: str, lf: LabelFil
     labels hold exported class ids (see LabelFilter); ``ignore_index`` (255, or 65535 for more than
     255 kept classes with 16-bit PNGs) marks dropped classes and low-confidence pixels.
     """
-    fs, root = output_fs(out)
+    fs, root = filesystem_for(out)
     root = root.rstrip("/")
     fs.makedirs(f"{root}/images", exist_ok=True)
     fs.makedirs(f"{root}/labels", exist_ok=True)
@@ -570,17 +551,17 @@ def export_generic(ds: LabelDataset, selection: pa.Table, out: str, lf: LabelFil
     for row in _ok_rows(ds, selection):
         iid = row["image_id"]
         try:
-            data, ext = _training_image(read_uri(row["uri"]), row["width"], row["height"])
+            data, ext = _training_image(read_bytes(row["uri"]), row["width"], row["height"])
         except Exception as e:  # noqa: BLE001 - one missing/changed source image must not stop an export
             res.skipped.append((row["uri"], f"{type(e).__name__}: {e}"))
             continue
         label, conf = _decoded(row)
-        _put(fs, f"{root}/images/{iid}.{ext}", data)
-        _put(fs, f"{root}/labels/{iid}.png", _encode_png(lf.apply(label, conf), lf.ignore_index))
+        write_bytes_atomic(join(out, f"images/{iid}.{ext}"), data)
+        write_bytes_atomic(join(out, f"labels/{iid}.png"), _encode_png(lf.apply(label, conf), lf.ignore_index))
         res.files.append(f"images/{iid}.{ext}")
         res.written += 1
     kept = lf.keep_ids if lf.remap else list(range(len(ds.names)))
-    _put(fs, f"{root}/class_names.txt", ("\n".join(class_names_lines(ds, kept)) + "\n").encode())
+    write_bytes_atomic(join(out, "class_names.txt"), ("\n".join(class_names_lines(ds, kept)) + "\n").encode())
     info = {
         "format": "ebseg-generic-v1",
         "source": ds.url,
@@ -593,7 +574,7 @@ def export_generic(ds: LabelDataset, selection: pa.Table, out: str, lf: LabelFil
         "images": res.written,
         "skipped": [{"uri": u, "reason": r} for u, r in res.skipped],
     }
-    _put(fs, f"{root}/dataset.json", json.dumps(info, indent=2).encode())
+    write_bytes_atomic(join(out, "dataset.json"), json.dumps(info, indent=2).encode())
     return res
 
 
@@ -643,12 +624,7 @@ def export_coco(ds: LabelDataset, selection: pa.Table, out: str, lf: LabelFilter
     """
     from pycocotools import mask as mask_utils
 
-    fs, path = output_fs(out)
-    if not path.endswith(".json"):
-        path = path.rstrip("/") + "/annotations.json"
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
+    dest = out if out.endswith(".json") else join(out, "annotations.json")
     root = image_root_of(_selected_uris(selection), image_root)
     syns = ds.meta.synonyms or [[n] for n in ds.names]
     cat_ids = lf.keep_ids
@@ -696,8 +672,7 @@ def export_coco(ds: LabelDataset, selection: pa.Table, out: str, lf: LabelFilter
         "licenses": [],
         "images": images, "annotations": annotations, "categories": categories,
     }
-    _put(fs, path, json.dumps(doc, allow_nan=False).encode())
-    res.files.append(path)
+    res.files.append(write_bytes_atomic(dest, json.dumps(doc, allow_nan=False).encode()))
     return res
 
 
@@ -712,9 +687,6 @@ def export_label_studio(ds: LabelDataset, selection: pa.Table, out: str, lf: Lab
     """
     from pipeline import label_studio as LS
 
-    fs, root_path = output_fs(out)
-    root_path = root_path.rstrip("/")
-    fs.makedirs(root_path, exist_ok=True)
     uri_root = image_root_of(_selected_uris(selection), image_root)
     cat_ids = lf.keep_ids
     tasks = []
@@ -736,9 +708,9 @@ def export_label_studio(ds: LabelDataset, selection: pa.Table, out: str, lf: Lab
         tasks.append({"data": {"image": url, "uri": row["uri"], "ebseg_image_id": row["image_id"]},
                       "predictions": [prediction]})
         res.written += 1
-    _put(fs, f"{root_path}/tasks.json", json.dumps(tasks, allow_nan=False).encode())
+    write_bytes_atomic(join(out, "tasks.json"), json.dumps(tasks, allow_nan=False).encode())
     names = [ds.names[i] for i in cat_ids]
-    _put(fs, f"{root_path}/labeling_config.xml", LS.labeling_config_xml(names, cat_ids).encode())
+    write_bytes_atomic(join(out, "labeling_config.xml"), LS.labeling_config_xml(names, cat_ids).encode())
     res.files += ["tasks.json", "labeling_config.xml"]
     return res
 
@@ -748,7 +720,7 @@ def export_masks(
 ) -> ExportResult:
     """PNG masks: masks/<id>.png (exported class ids, ignore_index elsewhere), confidence/<id>.png,
     optional class_masks/<id>/<class_id>.png binary (0/255) masks, and index.jsonl (id -> uri, size)."""
-    fs, root = output_fs(out)
+    fs, root = filesystem_for(out)
     root = root.rstrip("/")
     fs.makedirs(f"{root}/masks", exist_ok=True)
     fs.makedirs(f"{root}/confidence", exist_ok=True)
@@ -758,19 +730,20 @@ def export_masks(
         iid = row["image_id"]
         label, conf = _decoded(row)
         exported = lf.apply(label, conf)
-        _put(fs, f"{root}/masks/{iid}.png", _encode_png(exported, lf.ignore_index))
+        write_bytes_atomic(join(out, f"masks/{iid}.png"), _encode_png(exported, lf.ignore_index))
         if row.get("confidence_png"):
-            _put(fs, f"{root}/confidence/{iid}.png", row["confidence_png"])
+            write_bytes_atomic(join(out, f"confidence/{iid}.png"), row["confidence_png"])
         if per_class:
             for cid in np.unique(exported):
                 if cid == lf.ignore_index:
                     continue
-                _put(fs, f"{root}/class_masks/{iid}/{int(cid)}.png", _encode_png((exported == cid) * 255, 255))
+                write_bytes_atomic(join(out, f"class_masks/{iid}/{int(cid)}.png"),
+                                   _encode_png((exported == cid) * 255, 255))
         index.append({"image_id": iid, "uri": row["uri"], "width": row["width"], "height": row["height"]})
         res.written += 1
     kept = lf.keep_ids if lf.remap else list(range(len(ds.names)))
-    _put(fs, f"{root}/class_names.txt", ("\n".join(class_names_lines(ds, kept)) + "\n").encode())
-    _put(fs, f"{root}/index.jsonl", "".join(json.dumps(r) + "\n" for r in index).encode())
+    write_bytes_atomic(join(out, "class_names.txt"), ("\n".join(class_names_lines(ds, kept)) + "\n").encode())
+    write_bytes_atomic(join(out, "index.jsonl"), "".join(json.dumps(r) + "\n" for r in index).encode())
     return res
 
 
@@ -786,7 +759,7 @@ def overlay_for_row(ds: LabelDataset, row: dict, lf: LabelFilter | None = None, 
     from pipeline.images import decode_image
     from pipeline.overlay import overlay
 
-    rgb = decode_image(read_uri(row["uri"]))
+    rgb = decode_image(read_bytes(row["uri"]))
     label, conf = _decoded(row)
     if rgb.shape[:2] != label.shape:
         raise ValueError(f"image is {rgb.shape[1]}x{rgb.shape[0]} but was labelled at "
@@ -813,7 +786,7 @@ def overlay_for_row(ds: LabelDataset, row: dict, lf: LabelFilter | None = None, 
 def export_overlays(ds: LabelDataset, selection: pa.Table, out: str, lf: LabelFilter | None = None,
                     alpha: float = 0.5) -> ExportResult:
     """overlays/<id>.png: class colours blended over the source image, with a legend."""
-    fs, root = output_fs(out)
+    fs, root = filesystem_for(out)
     root = root.rstrip("/")
     fs.makedirs(f"{root}/overlays", exist_ok=True)
     res = ExportResult(out)
@@ -825,7 +798,7 @@ def export_overlays(ds: LabelDataset, selection: pa.Table, out: str, lf: LabelFi
             continue
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        _put(fs, f"{root}/overlays/{row['image_id']}.png", buf.getvalue())
+        write_bytes_atomic(join(out, f"overlays/{row['image_id']}.png"), buf.getvalue())
         res.files.append(f"overlays/{row['image_id']}.png")
         res.written += 1
     return res

@@ -26,10 +26,11 @@ import numpy as np
 
 from ebseg_core.checkpoint import CheckpointError, ResolvedCheckpoint, resolve_checkpoint
 from ebseg_core.data import Benchmark, BenchmarkError, get_benchmark, list_pairs
-from ebseg_core.vocabulary import Vocabulary, VocabularyError
-from ebseg_core.evaluation import SemSegEvaluator, detectron2_style, mean_defined
-from pipeline.resources import actor_torch_threads, set_torch_threads
 from ebseg_core.errors import UserError
+from ebseg_core.evaluation import SemSegEvaluator, detectron2_style, mean_defined
+from ebseg_core.storage import join, read_bytes, write_bytes_atomic
+from ebseg_core.vocabulary import Vocabulary, VocabularyError
+from pipeline.resources import actor_torch_threads, set_torch_threads
 
 #: Column titles of the printed table (the README's order: A-847, PC-459, A-150, PC-59, VOC).
 DISPLAY = {"ade847": "A-847", "pc459": "PC-459", "ade150": "A-150", "pc59": "PC-59", "voc20": "VOC",
@@ -123,8 +124,6 @@ def read_label(uri: str) -> np.ndarray:
     """A prepared label file (PNG 8-bit or TIFF 16-bit) as an integer array."""
     from PIL import Image
 
-    from pipeline.storage import read_bytes
-
     with Image.open(io.BytesIO(read_bytes(uri))) as im:
         arr = np.asarray(im)
     if arr.ndim != 2:
@@ -201,7 +200,6 @@ class Scorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from pipeline.images import decode_image
-        from pipeline.storage import read_bytes
 
         n = len(batch["key"])
         out: dict[str, list] = {"dataset": [], "key": [], "cm_index": [], "cm_count": [], "bm_index": [],
@@ -402,8 +400,6 @@ def _nan_to_none(x):
 
 def save_report(report: EvalReport, out: str) -> list[str]:
     """Write ``results.json``, ``summary.csv`` and ``per_class_<dataset>.csv`` under ``out``."""
-    from pipeline.storage import atomic_write_bytes, join
-
     written = []
     doc = {"model": report.model, "seconds": report.seconds, "images_per_second": report.images_per_second,
            "datasets": {}}
@@ -412,7 +408,7 @@ def save_report(report: EvalReport, out: str) -> list[str]:
                   _nan_to_none(val)) for k, val in r.metrics.items()}
         doc["datasets"][r.name] = {**mt, "errors": r.errors, "model_seconds": r.seconds,
                                    "detectron2": {k: _nan_to_none(v) for k, v in detectron2_style(r.metrics).items()}}
-    written.append(atomic_write_bytes(join(out, "results.json"), json.dumps(doc, indent=1).encode()))
+    written.append(write_bytes_atomic(join(out, "results.json"), json.dumps(doc, indent=1).encode()))
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["dataset", "mIoU", "fwIoU", "mACC", "pACC", "images", "failed"])
@@ -420,7 +416,7 @@ def save_report(report: EvalReport, out: str) -> list[str]:
         mt = r.metrics
         w.writerow([r.name] + [_fmt_csv(mt[k]) for k in ("mIoU", "fwIoU", "mACC", "pACC")]
                    + [r.num_images, len(r.errors)])
-    written.append(atomic_write_bytes(join(out, "summary.csv"), buf.getvalue().encode()))
+    written.append(write_bytes_atomic(join(out, "summary.csv"), buf.getvalue().encode()))
     for r in report.results:
         buf = io.StringIO()
         w = csv.writer(buf)
@@ -431,7 +427,7 @@ def save_report(report: EvalReport, out: str) -> list[str]:
             w.writerow([i, nm, _fmt_csv(iou), _fmt_csv(acc)]
                        + ([_fmt_csv(r.metrics["BoundaryIoU"][i]), _fmt_csv(r.metrics["min(IoU, B-Iou)"][i])]
                           if boundary else []))
-        written.append(atomic_write_bytes(join(out, f"per_class_{r.name}.csv"), buf.getvalue().encode()))
+        written.append(write_bytes_atomic(join(out, f"per_class_{r.name}.csv"), buf.getvalue().encode()))
     return written
 
 

@@ -49,25 +49,27 @@ from pipeline.listing import (
     InputSpec,
     ListingDiff,
     Plan,
-    WriteError,
-    backoff_delay,
-    is_credential_error,
-    is_transient,
     build_plan,
-    exists,
-    fs_and_path,
-    join_url,
-    list_dir,
     load_plan,
     plan_generation,
-    read_bytes,
     read_plan_shard,
     read_plan_table,
+    shard_name,
+)
+from pipeline.schema import table_to_parquet_bytes
+from ebseg_core.storage import (
+    WriteError,
+    backoff_delay,
+    exists,
+    filesystem_for,
+    is_credential_error,
+    is_transient,
+    join,
+    list_dir,
+    read_bytes,
     remove_tree,
     retry_io,
-    shard_name,
     sweep_temp_files,
-    table_to_parquet_bytes,
     write_bytes_atomic,
 )
 from ebseg_core.errors import UserError
@@ -207,7 +209,7 @@ def read_with_retries(uri: str, retries: int = 6, base_delay: float = 0.2, max_b
     last: BaseException | None = None
     for attempt in range(retries + 1):
         try:
-            fs, path = fs_and_path(uri)
+            fs, path = filesystem_for(uri)
             data = fs.cat_file(path, start=0, end=max_bytes + 1)
             if len(data) > max_bytes:
                 raise DecodeError("too_large", f"file is larger than {max_bytes} bytes")
@@ -526,7 +528,7 @@ def encode_and_write(batch: pa.Table, output: str, vocab: VocabInfo) -> pa.Table
             table = S.rows_to_table(rows, schema=schema)
             name = fragment_name([r["uri"] for r in rows])
             try:
-                write_bytes_atomic(join_url(output, PARTS_DIR, shard_name(shard), name),
+                write_bytes_atomic(join(output, PARTS_DIR, shard_name(shard), name),
                                    table_to_parquet_bytes(table))
             except WriteError as exc:
                 hint = ("free space and rerun the same command" if "space" in exc.reason.lower()
@@ -563,8 +565,8 @@ def final_name(shard: int) -> str:
 
 
 def _fragment_urls(output: str, shard: int) -> list[str]:
-    d = join_url(output, PARTS_DIR, shard_name(shard))
-    return [join_url(d, n) for n in list_dir(d) if n.endswith(".parquet") and not n.startswith(".")]
+    d = join(output, PARTS_DIR, shard_name(shard))
+    return [join(d, n) for n in list_dir(d) if n.endswith(".parquet") and not n.startswith(".")]
 
 
 def _read_parquet_url(url: str, columns: list[str] | None = None) -> pa.Table:
@@ -594,8 +596,8 @@ def compact_shard(output: str, shard: int, plan_url: str) -> dict:
     if missing:
         raise RuntimeError(f"shard {shard}: {len(missing)} inputs have no row yet (first: {missing[0]})")
     table = table.take(pa.array([first[u] for u in uris], pa.int64())).replace_schema_metadata(schema.metadata)
-    write_bytes_atomic(join_url(output, final_name(shard)), table_to_parquet_bytes(table, row_group_size=256))
-    remove_tree(join_url(output, PARTS_DIR, shard_name(shard)))
+    write_bytes_atomic(join(output, final_name(shard)), table_to_parquet_bytes(table, row_group_size=256))
+    remove_tree(join(output, PARTS_DIR, shard_name(shard)))
     return {"shard": shard, "rows": table.num_rows}
 
 
@@ -695,7 +697,7 @@ def _check_job_identity(cfg: LabelConfig, ident: dict, labeled_any: bool, log: C
     An output whose earlier run labeled nothing (it failed at start, e.g. a checkpoint that does
     not fit the preset) is taken over by this run: there is nothing to mix.
     """
-    url = join_url(cfg.output, JOB_MARKER)
+    url = join(cfg.output, JOB_MARKER)
     if exists(url):
         old = json.loads(read_bytes(url))
         if old == ident:
@@ -738,17 +740,17 @@ def reopen_error_rows(output: str, plan: Plan, kinds: set[str]) -> int:
         kept = table.filter(pa.array([not x for x in drop]))
         if kept.num_rows:
             name = fragment_name(kept.column("uri").to_pylist())
-            write_bytes_atomic(join_url(output, PARTS_DIR, shard_name(shard), name), table_to_parquet_bytes(kept))
+            write_bytes_atomic(join(output, PARTS_DIR, shard_name(shard), name), table_to_parquet_bytes(kept))
         return sum(drop)
 
     finals = set(list_dir(output))
-    part_dirs = set(list_dir(join_url(output, PARTS_DIR)))
+    part_dirs = set(list_dir(join(output, PARTS_DIR)))
     for s in range(plan.num_shards):
-        final = join_url(output, final_name(s))
+        final = join(output, final_name(s))
         if final_name(s) in finals:
             n = keep(final, s)
             if n:
-                remove_tree(join_url(output, SUCCESS_MARKER))
+                remove_tree(join(output, SUCCESS_MARKER))
                 remove_tree(final)
                 reopened += n
         elif shard_name(s) in part_dirs:
@@ -787,7 +789,7 @@ def _probe_input(uris: list[str]) -> None:
     denied = []
     for uri in uris:
         try:
-            fs, path = fs_and_path(uri)
+            fs, path = filesystem_for(uri)
             retry_io(fs.cat_file, path, start=0, end=1)
             return
         except Exception as exc:  # noqa: BLE001 - classified
@@ -865,7 +867,7 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print) -> LabelSumm
     except InputError as exc:
         raise LabelError(str(exc)) from None
     ident = _job_identity(cfg, vocab, checkpoint.weights_url if checkpoint else None)
-    log(f"[label] listing {cfg.input or cfg.manifest} into a shard plan under {join_url(cfg.output, '_plan')} ...")
+    log(f"[label] listing {cfg.input or cfg.manifest} into a shard plan under {join(cfg.output, '_plan')} ...")
     try:
         swept = sweep_temp_files(cfg.output, [PARTS_DIR, PLAN_DIR])
         if swept:
@@ -874,7 +876,7 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print) -> LabelSumm
         plan = build_plan(spec, cfg.output, shard_size=cfg.shard_size, progress=log)
         labeled_any = (any(n.startswith("labels-") for n in list_dir(cfg.output))
                        or any(_fragment_urls(cfg.output, int(d.split("-")[1]))
-                              for d in list_dir(join_url(cfg.output, PARTS_DIR)) if d.startswith("shard-")))
+                              for d in list_dir(join(cfg.output, PARTS_DIR)) if d.startswith("shard-")))
         _check_job_identity(cfg, ident, labeled_any, log)
         listing = _listing_diff(cfg, spec, plan, earlier, log)
         if cfg.retry_errors:
@@ -891,7 +893,7 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print) -> LabelSumm
     # Resume: which shards are final, which are partly in fragments.
     finals = {n for n in list_dir(cfg.output) if n.startswith("labels-") and n.endswith(".parquet")}
     done_shards = {s for s in range(plan.num_shards) if final_name(s) in finals}
-    part_dirs = {n for n in list_dir(join_url(cfg.output, PARTS_DIR)) if n.startswith("shard-")}
+    part_dirs = {n for n in list_dir(join(cfg.output, PARTS_DIR)) if n.startswith("shard-")}
     items: list[dict] = []
     expected: dict[int, int] = {}
     to_compact: list[int] = []
@@ -899,7 +901,7 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print) -> LabelSumm
     for s in range(plan.num_shards):
         if s in done_shards:
             if shard_name(s) in part_dirs:  # crash between final write and fragment cleanup
-                remove_tree(join_url(cfg.output, PARTS_DIR, shard_name(s)))
+                remove_tree(join(cfg.output, PARTS_DIR, shard_name(s)))
             continue
         only: list[str] = []
         if shard_name(s) in part_dirs:
@@ -942,9 +944,9 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print) -> LabelSumm
                            listing=dataclasses.asdict(listing) if listing else {},
                            finished_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     if complete:
-        if not list_dir(join_url(cfg.output, PARTS_DIR)):
-            remove_tree(join_url(cfg.output, PARTS_DIR))
-        write_bytes_atomic(join_url(cfg.output, SUCCESS_MARKER), json.dumps(dataclasses.asdict(summary)).encode())
+        if not list_dir(join(cfg.output, PARTS_DIR)):
+            remove_tree(join(cfg.output, PARTS_DIR))
+        write_bytes_atomic(join(cfg.output, SUCCESS_MARKER), json.dumps(dataclasses.asdict(summary)).encode())
     try:
         append_run(cfg.output, summary, preset=cfg.preset)
     except WriteError as exc:  # e.g. the full disk that stopped the run: its own line says what to do
@@ -973,7 +975,7 @@ def _listing_diff(cfg: LabelConfig, spec: InputSpec, plan: Plan, earlier: Plan |
     log(f"[label] incremental run: listing {cfg.input or cfg.manifest} again and comparing it with the plan ...")
     diff = plan_generation(plan, spec, relabel_changed=cfg.relabel_changed, progress=log)
     if diff.generation is not None:
-        remove_tree(join_url(cfg.output, SUCCESS_MARKER))
+        remove_tree(join(cfg.output, SUCCESS_MARKER))
         log(f"[label] generation {diff.generation}: {diff.new:,} new and {diff.changed:,} changed inputs to label, "
             f"{diff.deleted:,} deleted")
     return diff
@@ -999,12 +1001,12 @@ def retire_rows(output: str, plan: Plan, log: Callable[[str], None] = print) -> 
             by_shard[shard].add(uri)
         for shard in sorted(by_shard):
             gone = pa.array(sorted(by_shard[shard]), pa.string())
-            final = join_url(output, final_name(shard))
+            final = join(output, final_name(shard))
             if pc.any(pc.is_in(_read_parquet_url(final, ["uri"]).column("uri"), gone)).as_py():
                 rows = _read_parquet_url(final)
                 drop = pc.is_in(rows.column("uri"), gone)
                 old = rows.filter(drop)
-                write_bytes_atomic(join_url(output, SUPERSEDED_DIR, f"gen-{g:06d}", final_name(shard)),
+                write_bytes_atomic(join(output, SUPERSEDED_DIR, f"gen-{g:06d}", final_name(shard)),
                                    table_to_parquet_bytes(old))
                 write_bytes_atomic(final, table_to_parquet_bytes(rows.filter(pc.invert(drop)),
                                                                  row_group_size=256))
@@ -1018,13 +1020,13 @@ def retire_rows(output: str, plan: Plan, log: Callable[[str], None] = print) -> 
         gen["retired"] = True
         plan.save()
     if moved:
-        log(f"[label] {moved:,} rows of changed or deleted inputs moved to {join_url(output, SUPERSEDED_DIR)}")
+        log(f"[label] {moved:,} rows of changed or deleted inputs moved to {join(output, SUPERSEDED_DIR)}")
     return moved
 
 
 def append_run(output: str, summary: LabelSummary, preset: str) -> None:
     """Add this run to the output's run history ``_runs.json`` (a small JSON list, rewritten whole)."""
-    url = join_url(output, RUNS_LOG)
+    url = join(output, RUNS_LOG)
     runs = json.loads(read_bytes(url)) if exists(url) else []
     d = summary.listing or {}
     runs.append({"finished_at": summary.finished_at, "generation": d.get("generation"),

@@ -25,10 +25,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ebseg_core.storage import pyarrow_filesystem_for, read_bytes
 from ebseg_core.train_data import DatasetError, Sample
 from pipeline import curate as C
 from pipeline import schema as S
-from pipeline.storage import pyarrow_filesystem_for
 
 _FILTER_KEYS = ("name", "min_fraction", "max_fraction", "min_confidence", "max_confidence")
 OPTION_KEYS = ("classes", "without", "limit", "sample", "per_class", "seed", "keep_classes",
@@ -208,8 +208,6 @@ class LabelRowReader:
     def __call__(self, sample: Sample, num_classes: int | None = None,
                  storage_options: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         from pipeline.images import decode_image
-        from pipeline.storage import read_bytes
-
         file_url, rg, row, image_id = parse_label_ref(sample.label)
         if num_classes is not None and num_classes != self.num_classes:
             raise DatasetError(f"the label query keeps {self.num_classes} classes but training expects {num_classes}")

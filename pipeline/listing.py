@@ -23,17 +23,28 @@ import io
 import json
 import os
 import posixpath
-import random
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Sequence, TypeVar
-from ebseg_core.errors import UserError
-
-T = TypeVar("T")
+from typing import Callable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from ebseg_core.errors import UserError
+from ebseg_core.storage import (
+    WriteError,
+    exists,
+    io_reason,
+    is_local,
+    iter_file_entries,
+    join,
+    list_dir,
+    open_url,
+    read_bytes,
+    remove_tree,
+    write_bytes_atomic,
+)
+from pipeline.schema import table_to_parquet_bytes
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 PLAN_DIR = "_plan"
@@ -43,199 +54,6 @@ PLAN_VERSION = 1
 
 class InputError(UserError):
     """A user mistake about the input (nothing there, unreachable, unreadable manifest): message says what to do."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Small storage helpers (fsspec; pipeline.storage resolves credentials/endpoints when present)
-# ---------------------------------------------------------------------------------------------
-
-
-_TRANSIENT_MARKERS = (
-    "slowdown", "slow down", "503", "service unavailable", "throttl", "requesttimeout", "request timeout",
-    "timed out", "timeout", "connection reset", "connection aborted", "connectionerror", "broken pipe",
-    "500", "internalerror", "internal error", "too many requests", "429", "temporarily", "remotedisconnected",
-    "endpointconnectionerror", "could not connect",
-)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Storage errors worth retrying: throttling, 5xx, timeouts, dropped connections (not 404/403)."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
-        return False
-    if isinstance(exc, (TimeoutError, ConnectionError)):
-        return True
-    text = f"{type(exc).__name__} {exc}".lower()
-    return any(m in text for m in _TRANSIENT_MARKERS)
-
-
-# Errors about the job's access to storage rather than about one file: every other read of the job
-# would fail the same way, so they stop the job (inputs left unlabeled for the rerun), never become rows.
-_CREDENTIAL_MARKERS = (
-    "expiredtoken", "token has expired", "tokenrefreshrequired", "invalidtoken", "invalidaccesskeyid",
-    "signaturedoesnotmatch", "security token included in the request is invalid", "requestexpired",
-    "nocredentialserror", "unable to locate credentials", "partialcredentialserror", "credentialretrievalerror",
-)
-
-
-def _error_text(exc: BaseException) -> str:
-    """Type names, messages and S3 error codes of an exception and its causes, lower-cased."""
-    parts: list[str] = []
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        parts.append(f"{type(cur).__name__} {cur}")
-        code = (getattr(cur, "response", None) or {}).get("Error", {}).get("Code")
-        if code:
-            parts.append(str(code))
-        cur = cur.__cause__ or cur.__context__
-    return " ".join(parts).lower()
-
-
-def is_credential_error(exc: BaseException) -> bool:
-    """Expired, invalid or missing credentials: a fault of the job's access, not of the file read."""
-    text = _error_text(exc)
-    return any(m in text for m in _CREDENTIAL_MARKERS)
-
-
-def backoff_delay(attempt: int, base: float = 0.2, cap: float = 10.0) -> float:
-    """Exponential backoff with jitter: ~base * 2^attempt, at most cap seconds."""
-    return min(base * (2 ** attempt), cap) * (0.5 + random.random())
-
-
-def retry_io(fn: Callable[..., T], *args, retries: int = 6, **kwargs) -> T:
-    """Call a storage operation, retrying transient errors with backoff (plan/fragment/final files)."""
-    for attempt in range(retries + 1):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - re-raised unless transient
-            if attempt == retries or not is_transient(exc):
-                raise
-            time.sleep(backoff_delay(attempt))
-    raise AssertionError("unreachable")
-
-
-def is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def fs_and_path(url: str):
-    """(fsspec filesystem, path inside it) for any fsspec URL or local path (pipeline.storage)."""
-    from pipeline.storage import filesystem_for
-
-    return filesystem_for(url)
-
-
-def join_url(base: str, *parts: str) -> str:
-    """Join path parts onto a URL or local path with '/'."""
-    out = base.rstrip("/")
-    for p in parts:
-        out = out + "/" + p.strip("/")
-    return out
-
-
-class WriteError(Exception):
-    """Writing ``url`` failed for a reason a retry does not fix (full disk, no permission, read-only store)."""
-
-    def __init__(self, url: str, reason: str):
-        super().__init__(url, reason)
-        self.url = url
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"cannot write {self.url}: {self.reason}"
-
-
-def write_bytes_atomic(url: str, data: bytes) -> None:
-    """Write a whole object so that readers see all of it or nothing (pipeline.storage.atomic_write_bytes).
-
-    Transient errors are retried; anything else raises WriteError naming the file, and a local temp
-    file is removed on the way out (a full disk leaves no litter).
-    """
-    from pipeline.storage import atomic_write_bytes
-
-    try:
-        retry_io(atomic_write_bytes, url, data)
-    except Exception as exc:  # noqa: BLE001 - every failure of a write is reported as that write's
-        raise WriteError(url, _reason(exc)) from exc
-
-
-def _reason(exc: BaseException) -> str:
-    """The short cause of an I/O error: 'No space left on device' rather than '[Errno 28] ...: path'."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return f"{type(exc).__name__}: {exc}"
-
-
-def is_temp_name(name: str) -> bool:
-    """Hidden temp files of an interrupted local write (pipeline.storage.atomic_write_bytes, and older '.tmp-*')."""
-    return name.startswith(".") and (name.endswith(".tmp") or name.startswith(".tmp-"))
-
-
-def sweep_temp_files(output: str, subdirs: Sequence[str] = ()) -> int:
-    """Remove temp files that a killed writer left in a local output (root and ``subdirs``, one level
-    below each); object stores write with one PUT and have none. Returns how many were removed."""
-    if not is_local(output):
-        return 0
-    root = output[len("file://"):] if output.startswith("file://") else output
-    dirs = [root]
-    for sub in subdirs:
-        d = os.path.join(root, sub)
-        dirs.append(d)
-        if os.path.isdir(d):
-            dirs.extend(os.path.join(d, n) for n in sorted(os.listdir(d)) if os.path.isdir(os.path.join(d, n)))
-    removed = 0
-    for d in dirs:
-        if not os.path.isdir(d):
-            continue
-        for name in os.listdir(d):
-            if is_temp_name(name) and os.path.isfile(os.path.join(d, name)):
-                os.unlink(os.path.join(d, name))
-                removed += 1
-    return removed
-
-
-def read_bytes(url: str) -> bytes:
-    """The whole object (transient errors retried)."""
-    fs, path = fs_and_path(url)
-    return retry_io(fs.cat_file, path)
-
-
-def exists(url: str) -> bool:
-    fs, path = fs_and_path(url)
-    try:
-        fs.invalidate_cache(path)
-    except Exception:  # noqa: BLE001 - not every filesystem caches
-        pass
-    return retry_io(fs.exists, path)
-
-
-def list_dir(url: str) -> list[str]:
-    """Names (not paths) directly under a directory/prefix, fresh from storage; [] if absent."""
-    fs, path = fs_and_path(url)
-    try:
-        fs.invalidate_cache(path)
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        entries = retry_io(fs.ls, path, detail=False)
-    except FileNotFoundError:
-        return []
-    return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
-
-
-def remove_tree(url: str) -> None:
-    fs, path = fs_and_path(url)
-    try:
-        retry_io(fs.rm, path, recursive=True)
-    except FileNotFoundError:
-        pass
-
-
-def table_to_parquet_bytes(table: pa.Table, row_group_size: int | None = None) -> bytes:
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
-    return buf.getvalue().to_pybytes()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,12 +91,10 @@ def iter_prefix(url: str, extensions: Sequence[str] | None = DEFAULT_EXTENSIONS,
                 glob: str | None = None) -> Iterator[tuple[str, str | None]]:
     """Yield ``(uri, version)`` of files under a prefix/directory, lazily, in lexicographic order.
 
-    Listing is pipeline.storage.iter_file_entries (S3 pages consumed as they come; ``version`` is
+    Listing is ebseg_core.storage.iter_file_entries (S3 pages consumed as they come; ``version`` is
     size + ETag, or size + mtime locally); hidden files (".name") are skipped. Raises
     FileNotFoundError when nothing exists at ``url``.
     """
-    from pipeline.storage import iter_file_entries
-
     exts = _normalise_extensions(extensions)
     for uri, version in iter_file_entries(url, extensions=list(exts) if exts else None, glob=glob):
         if not posixpath.basename(uri).startswith("."):
@@ -292,8 +108,7 @@ def iter_manifest(url: str) -> Iterator[str]:
     """Yield URIs from a manifest: Parquet (column uri/url/path), CSV (same names, else first column) or text (one per line)."""
     lower = url.lower()
     try:
-        fs, path = fs_and_path(url)
-        f = fs.open(path, "rb")
+        f = open_url(url, "rb")
     except FileNotFoundError:
         raise InputError(f"manifest {url} does not exist") from None
     except PermissionError as exc:
@@ -368,13 +183,13 @@ def unique_in_order(uris: Iterator[str], workdir: str, buckets: int = DEDUP_BUCK
         try:
             return pa.ipc.new_stream(path, sch)
         except OSError as exc:
-            raise WriteError(path, _reason(exc)) from exc
+            raise WriteError(path, io_reason(exc)) from exc
 
     def write(writer, path: str, batch: pa.RecordBatch) -> None:
         try:
             writer.write_batch(batch)
         except OSError as exc:
-            raise WriteError(path, _reason(exc)) from exc
+            raise WriteError(path, io_reason(exc)) from exc
 
     spool_path = os.path.join(workdir, "spool.arrows")
     bucket_paths = [os.path.join(workdir, f"bucket-{b:04d}.arrows") for b in range(buckets)]
@@ -468,10 +283,10 @@ class Plan:
     generations: list[dict] = field(default_factory=list)
 
     def shard_url(self, shard: int) -> str:
-        return join_url(self.output, PLAN_DIR, shard_name(shard) + ".parquet")
+        return join(self.output, PLAN_DIR, shard_name(shard) + ".parquet")
 
     def retire_url(self, generation: int) -> str:
-        return join_url(self.output, PLAN_DIR, retire_name(generation))
+        return join(self.output, PLAN_DIR, retire_name(generation))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -480,7 +295,7 @@ class Plan:
         """Write plan.json (atomically): the plan, or its new generation, becomes real here."""
         self.total = sum(self.shard_counts)
         self.num_shards = len(self.shard_counts)
-        write_bytes_atomic(join_url(self.output, PLAN_DIR, PLAN_MARKER), self.to_json().encode())
+        write_bytes_atomic(join(self.output, PLAN_DIR, PLAN_MARKER), self.to_json().encode())
 
 
 def shard_name(shard: int) -> str:
@@ -510,7 +325,7 @@ def read_plan_table(url: str) -> pa.Table:
 
 def load_plan(output: str) -> Plan | None:
     """The complete plan saved under output, or None when there is none (or only a partial one)."""
-    marker = join_url(output, PLAN_DIR, PLAN_MARKER)
+    marker = join(output, PLAN_DIR, PLAN_MARKER)
     if not exists(marker):
         return None
     d = json.loads(read_bytes(marker))
@@ -545,7 +360,7 @@ class _ShardWriter:
         if not self.uris:
             return
         table = pa.table({"uri": pa.array(self.uris, pa.string()), "version": pa.array(self.versions, pa.string())})
-        write_bytes_atomic(join_url(self.output, PLAN_DIR, shard_name(self.next) + ".parquet"),
+        write_bytes_atomic(join(self.output, PLAN_DIR, shard_name(self.next) + ".parquet"),
                            table_to_parquet_bytes(table))
         self.counts.append(len(self.uris))
         self.next += 1
@@ -584,10 +399,10 @@ def build_plan(spec: InputSpec, output: str, shard_size: int = 1000,
         if existing.spec != spec.to_dict() or existing.shard_size != shard_size:
             raise InputError(
                 f"{output} already holds the plan of a different job (input {existing.spec}, shard size "
-                f"{existing.shard_size}); write to a new --output, or delete {join_url(output, PLAN_DIR)} "
+                f"{existing.shard_size}); write to a new --output, or delete {join(output, PLAN_DIR)} "
                 "and the labels it produced")
         return existing
-    remove_tree(join_url(output, PLAN_DIR))
+    remove_tree(join(output, PLAN_DIR))
     writer = _ShardWriter(output, 0, shard_size)
     total = 0
     with tempfile.TemporaryDirectory(prefix="ebseg-plan-") as workdir:
@@ -647,7 +462,7 @@ def external_sort(rows: Iterator[tuple], names: Sequence[str], types: Sequence[p
                     w.write_batch(pa.record_batch([pa.array([r[j] for r in part], t) for j, t in enumerate(types)],
                                                   schema=schema))
         except OSError as exc:
-            raise WriteError(path, _reason(exc)) from exc
+            raise WriteError(path, io_reason(exc)) from exc
         runs.append(path)
         buf.clear()
 
@@ -727,14 +542,14 @@ class ListingDiff:
 def _remove_unplanned(plan: Plan) -> None:
     """Delete plan shards and retired lists beyond plan.json: a listing killed before plan.json left them
     (a stale retired list would report deletions that never were)."""
-    for name in list_dir(join_url(plan.output, PLAN_DIR)):
+    for name in list_dir(join(plan.output, PLAN_DIR)):
         stem, _, ext = name.partition(".")
         kind, _, num = stem.partition("-")
         if ext != "parquet" or not num.isdigit():
             continue
         beyond = plan.num_shards if kind == "shard" else len(plan.generations) if kind == "retired" else None
         if beyond is not None and int(num) >= beyond:
-            remove_tree(join_url(plan.output, PLAN_DIR, name))
+            remove_tree(join(plan.output, PLAN_DIR, name))
 
 
 def plan_generation(plan: Plan, spec: InputSpec, relabel_changed: bool = False,

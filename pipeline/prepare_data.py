@@ -46,6 +46,7 @@ from PIL import Image
 from ebseg_core.data import get_benchmark
 from ebseg_core.data.ade847_ids import ADE847_ADE20K_IDS
 from ebseg_core.errors import UserError
+from ebseg_core.storage import join, write_bytes_atomic
 
 #: COCO category ids of the 171 COCO-Stuff classes, in class order (80 things, then 91 stuff).
 COCO_THING_IDS_MISSING = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
@@ -443,8 +444,6 @@ _TRAIN_DIRS = {
 
 
 def _out_dirs(dataset: str, split: str, out: str) -> tuple[str, str]:
-    from pipeline.storage import join
-
     if split == "train" and dataset in _TRAIN_DIRS:
         image_dir, label_dir = _TRAIN_DIRS[dataset]
     else:
@@ -456,8 +455,6 @@ def _out_dirs(dataset: str, split: str, out: str) -> tuple[str, str]:
 def prepare_dataset(dataset: str, raw: str, out: str, split: str = "val", limit: int | None = None,
                     log: Callable[[str], None] = print) -> PrepareSummary:
     """Convert one split of a raw download into the prepared layout under ``out`` (local or s3://)."""
-    from pipeline.storage import atomic_write_bytes, join
-
     bench = get_benchmark(dataset)
     key = bench.classes
     if split not in ("val", "train"):
@@ -481,8 +478,8 @@ def prepare_dataset(dataset: str, raw: str, out: str, split: str = "val", limit:
             image_bytes, arr = _shrink_ade847(item.image, arr)
         else:
             image_bytes = item.image.read_bytes()
-        atomic_write_bytes(join(lab_out, item.stem + bench.label_ext), _encode_label(arr, bench.label_ext))
-        atomic_write_bytes(join(img_out, item.stem + bench.image_ext), image_bytes)
+        write_bytes_atomic(join(lab_out, item.stem + bench.label_ext), _encode_label(arr, bench.label_ext))
+        write_bytes_atomic(join(img_out, item.stem + bench.image_ext), image_bytes)
         written += 1
         if written % 500 == 0:
             log(f"{key} {split}: {written} written")

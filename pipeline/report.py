@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ebseg_core.storage import write_bytes_atomic
 from pipeline import curate as C
 from pipeline.overlay import class_color
 
@@ -225,10 +226,7 @@ def _samples(out: list[str], ds, shown: list, colour: dict[int, str], opts: Repo
 
 def write_report(labels_url: str, out_url: str, opts: ReportOptions | None = None) -> int:
     """Build the report and write it (local path or s3://); returns its size in bytes."""
-    from pipeline.storage import open_url
-
     data = build_report(labels_url, opts).encode("utf-8")
-    with open_url(out_url, "wb") as f:
-        f.write(data)
+    write_bytes_atomic(out_url, data)
     return len(data)
 

@@ -24,6 +24,7 @@ import pyarrow as pa
 from PIL import Image
 
 from ebseg_core.errors import UserError
+from ebseg_core.storage import pyarrow_filesystem_for
 
 SCHEMA_VERSION = 1
 
@@ -211,13 +212,6 @@ def read_metadata(url: str) -> LabelMetadata:
     return metadata_from_schema(schema, where=first)
 
 
-def pyarrow_fs(url: str):
-    """(pyarrow filesystem, path) for a local path or s3:// URL (see pipeline.storage)."""
-    from pipeline.storage import pyarrow_filesystem_for
-
-    return pyarrow_filesystem_for(url)
-
-
 def list_parquet_files(url: str):
     """Sorted Parquet files of a label dataset (one file, or every *.parquet under a directory/prefix).
 
@@ -225,7 +219,7 @@ def list_parquet_files(url: str):
     """
     import pyarrow.fs as pafs
 
-    fs, path = pyarrow_fs(url)
+    fs, path = pyarrow_filesystem_for(url)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         return [path], fs
@@ -439,6 +433,15 @@ def make_error_row(
         "content_sha1": content_sha1,
         "duration_ms": None,
     }
+
+
+def table_to_parquet_bytes(table: pa.Table, row_group_size: int | None = None) -> bytes:
+    """A whole Parquet file (zstd) in memory: plan shards and label fragments are written in one atomic put."""
+    import pyarrow.parquet as pq
+
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
+    return buf.getvalue().to_pybytes()
 
 
 def rows_to_table(rows: Iterable[Mapping[str, Any]], schema: pa.Schema | None = None) -> pa.Table:

@@ -382,7 +382,7 @@ def _storage(cfg: TrainConfig):
         return os.path.abspath(path), None
     import pyarrow.fs as pafs
 
-    from pipeline.storage import filesystem_for
+    from ebseg_core.storage import filesystem_for
 
     fs, p = filesystem_for(path)
     return p.rstrip("/"), pafs.PyFileSystem(pafs.FSSpecHandler(fs))

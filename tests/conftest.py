@@ -6,7 +6,7 @@ Fixtures
                         ``endpoint_url``, ``bucket``, ``fs`` (s3fs), ``pa_fs`` (pyarrow S3), ``env``
                         (AWS_* variables), ``url(key)``. The variables are also put in ``os.environ``
                         for the session, so ``s3fs.S3FileSystem()``, ``pyarrow.fs.FileSystem.from_uri``,
-                        ``pipeline.storage`` and Ray workers reach the bucket as a user's code would.
+                        ``ebseg_core.storage`` and Ray workers reach the bucket as a user's code would.
 ``s3_prefix`` (function) a fresh ``s3://<bucket>/<test-name>-<n>/`` URL, unique per test.
 ``ray_local`` (session) ``ray.init(address="local", num_cpus=8)`` in this process: a private cluster,
                         never an existing one. 8 logical CPUs on 2 cores on purpose: an actor pool must

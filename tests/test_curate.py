@@ -241,7 +241,7 @@ def test_export_generic_reads_back_with_training_loader(ds, fx, tmp_path):
 
 
 def s3_bytes(uri: str) -> bytes:
-    from pipeline.storage import read_bytes
+    from ebseg_core.storage import read_bytes
 
     return read_bytes(uri)
 

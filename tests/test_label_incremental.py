@@ -16,18 +16,8 @@ from PIL import Image
 
 from pipeline.label import run_label
 from pipeline.listing import InputSpec, build_plan, load_plan, plan_generation, read_plan_shard
-from pipeline.storage import iter_files
 from ebseg_core.data.synthetic import blob_image
 from tests.test_label_recovery import config, local_rows, write_images
-
-
-def test_local_walk_is_in_lexicographic_order(tmp_path):
-    for name in ["a.b", "a/c", "a/b/d", "a-z", "a0", "b", "a/c.d/e", "A"]:
-        p = tmp_path / name
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(b"x")
-    found = list(iter_files(str(tmp_path)))
-    assert found == sorted(found) and len(found) == 8
 
 
 def _manifest(path: Path, keys) -> None:

@@ -28,7 +28,8 @@ import pytest
 from PIL import Image
 
 from pipeline.label import LabelConfig, LabelError, build_dataset, run_label
-from pipeline.listing import InputSpec, WriteError, build_plan, read_plan_shard, unique_in_order
+from ebseg_core.storage import WriteError
+from pipeline.listing import InputSpec, build_plan, read_plan_shard, unique_in_order
 from tests.helpers import free_port, kill_processes_mentioning
 from ebseg_core.data.synthetic import blob_image
 
@@ -311,8 +312,8 @@ OUTAGE_SCRIPT = textwrap.dedent("""
                        pass_first=3, repeat=True, lifetime_s=600).start()
     os.environ["AWS_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL_S3"] = proxy.url  # driver and its Ray workers
     def label_job_output_complete(argv):
-        from pipeline.listing import exists, join_url
-        return exists(join_url(argv[argv.index("--output") + 1], "_SUCCESS"))
+        from ebseg_core.storage import exists, join
+        return exists(join(argv[argv.index("--output") + 1], "_SUCCESS"))
 
     results = []
     for _ in range(2):

@@ -26,7 +26,9 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
 from ..errors import UserError
+from ..storage import filesystem_for, iter_files, join
 
 CLASS_NAMES_DIR = Path(__file__).resolve().parent / "class_names"
 
@@ -168,17 +170,10 @@ class Benchmark:
     description: str
 
     def image_root(self, root: str) -> str:
-        return _join(root, self.image_dir)
+        return join(root, self.image_dir)
 
     def label_root(self, root: str) -> str:
-        return _join(root, self.label_dir)
-
-
-def _join(root: str, rel: str) -> str:
-    root = os.fspath(root)
-    if "://" in root:
-        return root.rstrip("/") + "/" + rel
-    return os.path.join(root, *rel.split("/"))
+        return join(root, self.label_dir)
 
 
 _BENCHMARK_LIST = [
@@ -242,16 +237,11 @@ def _rel_stem(uri: str, base: str) -> str:
 
 
 def _list(base: str, ext: str) -> dict[str, str]:
-    from pipeline.storage import iter_files  # storage lives with the pipeline (fsspec); imported lazily
-
     try:
         uris = list(iter_files(base, extensions=[ext]))
     except FileNotFoundError:
         return {}
-    if "://" in base and not base.startswith("file://"):
-        base_path = base.split("://", 1)[1]
-    else:  # local files are listed by absolute path: a relative root ("./datasets") must be made absolute too
-        base_path = os.path.abspath(os.path.expanduser(base.removeprefix("file://")))
+    _, base_path = filesystem_for(base)  # local: absolute, as iter_files lists them; remote: bucket/key
     return {_rel_stem(u if "://" not in u else u.split("://", 1)[1], base_path): u for u in uris}
 
 

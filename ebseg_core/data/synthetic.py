@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import colorsys
 import io
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from ..storage import filesystem_for
 
 IGNORE_INDEX = 255
 DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((48, 64), (64, 48), (40, 40), (56, 72))
@@ -112,12 +113,10 @@ def write_blob_images(
     Image ``i`` uses seed ``seed + i``; even indices are JPEG, odd PNG. Labels go to
     ``<root>/labels/<stem>.png`` (see :func:`label_uri_for`).
     """
-    import fsspec
-
     if isinstance(fs_or_dir_url, tuple):
         fs, root = fs_or_dir_url
     else:
-        fs, root = fsspec.core.url_to_fs(os.fspath(fs_or_dir_url), **(storage_options or {}))
+        fs, root = filesystem_for(fs_or_dir_url, storage_options)
     root = root.rstrip("/")
     is_local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     if is_local:

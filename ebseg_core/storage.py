@@ -1,8 +1,12 @@
-"""URL -> filesystem helpers shared by every job (local paths, ``s3://`` and any other fsspec URL).
+"""Storage: every read, write and listing of a local path, ``s3://`` or any other fsspec URL.
+
+One module, below everything that touches storage (``jobs`` -> ``pipeline`` -> ``ebseg_core``), one
+function per operation, and the retry of transient errors in one place (``retry_io``). Torch-free
+and without pyarrow at import, so that light modules can use it.
 
 Credentials and endpoints come from the environment the usual way (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` for
-S3-compatible stores such as MinIO); every function takes an optional ``storage_options`` dict passed to
+S3-compatible stores such as MinIO); functions take an optional ``storage_options`` dict passed to
 the fsspec backend (s3fs keys: ``key``, ``secret``, ``token``, ``endpoint_url``, ``client_kwargs``...).
 
 Local paths are returned as plain absolute paths, remote ones as ``scheme://bucket/key`` URLs.
@@ -16,15 +20,19 @@ from __future__ import annotations
 import fnmatch
 import os
 import posixpath
+import random
 import tempfile
+import time
 import uuid
-from collections.abc import Iterable, Iterator
-from typing import IO, Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import IO, Any, TypeVar
 from urllib.parse import urlparse
 
 import fsspec
 
 from ebseg_core.errors import UserError
+
+T = TypeVar("T")
 
 # Backends users most often need, named in the error raised for an unknown scheme.
 _BACKEND_HINTS = {
@@ -69,7 +77,7 @@ def filesystem_for(
 ) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return ``(fsspec filesystem, path inside it)`` for a local path or URL.
 
-    Raises ValueError naming the package to install when no fsspec backend handles the scheme.
+    Raises UserError naming the package to install when no fsspec backend handles the scheme.
     """
     url = os.fspath(url)
     scheme = _scheme(url)
@@ -92,10 +100,16 @@ def filesystem_for(
     return fs, path
 
 
-def _url_for(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    if _is_local(fs):
-        return path
-    return fs.unstrip_protocol(path)
+def is_local(url: str | os.PathLike) -> bool:
+    """True for a local path or ``file://`` URL."""
+    return not _scheme(os.fspath(url))
+
+
+def url_for(url: str | os.PathLike, path: str) -> str:
+    """A path inside the filesystem of ``url`` (from ``filesystem_for(url)``, ``fs.ls``...) as a URL in
+    the user's scheme; local paths stay plain paths."""
+    url = os.fspath(url)
+    return path if is_local(url) else f"{url.split('://', 1)[0]}://{path}"
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -295,7 +309,7 @@ def _iter_s3(fs, url: str, path: str, exts, glob) -> Iterator[tuple[str, str | N
                 if item.get("type") == "directory" or name.endswith("/"):
                     continue
                 found_any = True
-                rel = name[len(bucket) + 1 + len(prefix):]
+                rel = name[len(bucket) + 1 + len(prefix) :]
                 if _matches(rel, exts, glob):
                     yield "s3://" + name, _s3_version(item)
             if len(chunk) < _LIST_CHUNK:
@@ -317,7 +331,7 @@ def _iter_s3(fs, url: str, path: str, exts, glob) -> Iterator[tuple[str, str | N
 def _iter_walk(fs, url: str, path: str, exts, glob) -> Iterator[tuple[str, str | None]]:
     if fs.isfile(path):
         if _matches(posixpath.basename(path.rstrip("/")), exts, glob):
-            yield _url_for(fs, path), None
+            yield url_for(url, path), None
         return
     if not fs.exists(path):
         raise FileNotFoundError(f"{url}: no such file or directory")
@@ -326,14 +340,12 @@ def _iter_walk(fs, url: str, path: str, exts, glob) -> Iterator[tuple[str, str |
         dirnames.sort()
         for name in sorted(filenames):
             full = f"{dirpath.rstrip('/')}/{name}"
-            rel = full[len(root) + 1:] if full.startswith(root + "/") else name
+            rel = full[len(root) + 1 :] if full.startswith(root + "/") else name
             if _matches(rel, exts, glob):
-                yield _url_for(fs, full), None
+                yield url_for(url, full), None
 
 
-def open_url(
-    url: str | os.PathLike, mode: str = "rb", storage_options: dict | None = None, **kwargs: Any
-) -> IO:
+def open_url(url: str | os.PathLike, mode: str = "rb", storage_options: dict | None = None, **kwargs: Any) -> IO:
     """Open a local path or URL. Writing to a local path creates its parent directories.
 
     Raises FileNotFoundError naming the URL when reading something that does not exist.
@@ -348,29 +360,190 @@ def open_url(
         raise FileNotFoundError(f"{url}: no such file") from e
 
 
+# ---------------------------------------------------------------------------------------------
+# Errors: which to retry, which stop a job, and the one-line error of a failed write
+# ---------------------------------------------------------------------------------------------
+
+_TRANSIENT_MARKERS = (
+    "slowdown",
+    "slow down",
+    "503",
+    "service unavailable",
+    "throttl",
+    "requesttimeout",
+    "request timeout",
+    "timed out",
+    "timeout",
+    "connection reset",
+    "connection aborted",
+    "connectionerror",
+    "broken pipe",
+    "500",
+    "internalerror",
+    "internal error",
+    "too many requests",
+    "429",
+    "temporarily",
+    "remotedisconnected",
+    "endpointconnectionerror",
+    "could not connect",
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Storage errors worth retrying: throttling, 5xx, timeouts, dropped connections (not 404/403)."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(m in text for m in _TRANSIENT_MARKERS)
+
+
+# Errors about the job's access to storage rather than about one file: every other read of the job
+# would fail the same way, so they stop the job (inputs left unlabeled for the rerun), never become rows.
+_CREDENTIAL_MARKERS = (
+    "expiredtoken",
+    "token has expired",
+    "tokenrefreshrequired",
+    "invalidtoken",
+    "invalidaccesskeyid",
+    "signaturedoesnotmatch",
+    "security token included in the request is invalid",
+    "requestexpired",
+    "nocredentialserror",
+    "unable to locate credentials",
+    "partialcredentialserror",
+    "credentialretrievalerror",
+)
+
+
+def _error_text(exc: BaseException) -> str:
+    """Type names, messages and S3 error codes of an exception and its causes, lower-cased."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        parts.append(f"{type(cur).__name__} {cur}")
+        code = (getattr(cur, "response", None) or {}).get("Error", {}).get("Code")
+        if code:
+            parts.append(str(code))
+        cur = cur.__cause__ or cur.__context__
+    return " ".join(parts).lower()
+
+
+def is_credential_error(exc: BaseException) -> bool:
+    """Expired, invalid or missing credentials: a fault of the job's access, not of the file read."""
+    text = _error_text(exc)
+    return any(m in text for m in _CREDENTIAL_MARKERS)
+
+
+def backoff_delay(attempt: int, base: float = 0.2, cap: float = 10.0) -> float:
+    """Exponential backoff with jitter: ~base * 2^attempt, at most cap seconds."""
+    return min(base * (2**attempt), cap) * (0.5 + random.random())
+
+
+def retry_io(fn: Callable[..., T], *args: Any, retries: int = 6, **kwargs: Any) -> T:
+    """Call a storage operation, retrying transient errors (is_transient) with backoff; others raise at once."""
+    for attempt in range(retries + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - re-raised unless transient
+            if attempt == retries or not is_transient(exc):
+                raise
+            time.sleep(backoff_delay(attempt))
+    raise AssertionError("unreachable")
+
+
+class WriteError(UserError):
+    """Writing ``url`` failed for a reason a retry does not fix (full disk, no permission, read-only store,
+    or a store still failing after the retries); a UserError, so the command prints its one line."""
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(url, reason)
+        self.url = url
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot write {self.url}: {self.reason}"
+
+
+def io_reason(exc: BaseException) -> str:
+    """The short cause of an I/O error: 'No space left on device' rather than '[Errno 28] ...: path'."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return f"{type(exc).__name__}: {exc}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-file reads and writes, existence, directories
+# ---------------------------------------------------------------------------------------------
+
+
 def read_bytes(url: str | os.PathLike, storage_options: dict | None = None) -> bytes:
-    """The whole content of one file."""
-    with open_url(url, "rb", storage_options) as f:
-        return f.read()
+    """The whole content of one file (transient errors retried); FileNotFoundError names the URL."""
+    url = os.fspath(url)
+    fs, path = filesystem_for(url, storage_options)
+    try:
+        return retry_io(fs.cat_file, path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{url}: no such file") from e
+
+
+def _fresh(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Drop what the filesystem cached about ``path``: other machines write to the same prefixes."""
+    try:
+        fs.invalidate_cache(path)
+    except Exception:  # noqa: BLE001 - not every filesystem caches
+        pass
 
 
 def exists(url: str | os.PathLike, storage_options: dict | None = None) -> bool:
-    """True if a file, directory or (on object stores) a non-empty prefix exists at ``url``."""
+    """True if a file, directory or (on object stores) a non-empty prefix exists at ``url``, fresh from storage."""
     fs, path = filesystem_for(url, storage_options)
-    return bool(fs.exists(path))
+    _fresh(fs, path)
+    return bool(retry_io(fs.exists, path))
 
 
-def atomic_write_bytes(
-    url: str | os.PathLike, data: bytes, storage_options: dict | None = None
-) -> str:
-    """Write ``data`` so that readers see either the old content or all of the new; return the URL.
+def list_dir(url: str | os.PathLike, storage_options: dict | None = None) -> list[str]:
+    """Names (not paths) directly under a directory/prefix, sorted, fresh from storage; [] if absent."""
+    fs, path = filesystem_for(url, storage_options)
+    _fresh(fs, path)
+    try:
+        entries = retry_io(fs.ls, path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
 
-    Local: write a temporary file in the same directory, fsync, then ``os.replace`` (atomic on POSIX).
-    S3 (and GCS/Azure): one PUT of the final key is already atomic, so it is written directly.
-    Other backends: write a temporary sibling, then move it over the target.
+
+def remove_tree(url: str | os.PathLike, storage_options: dict | None = None) -> None:
+    """Delete a file or a directory/prefix and everything below it; nothing there is fine."""
+    fs, path = filesystem_for(url, storage_options)
+    try:
+        retry_io(fs.rm, path, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+def write_bytes_atomic(url: str | os.PathLike, data: bytes, storage_options: dict | None = None) -> str:
+    """Write ``data`` so that readers see either the old content or all of the new; return the URL
+    (local: the absolute path).
+
+    Local: a hidden temporary file in the same directory, fsync, then ``os.replace`` (atomic on POSIX);
+    a failed write removes it (a full disk leaves no litter). S3 (and GCS/Azure): one PUT of the final
+    key is already atomic. Other backends: a temporary sibling moved over the target. Transient errors
+    are retried; anything else raises WriteError naming the file.
     """
     url = os.fspath(url)
     fs, path = filesystem_for(url, storage_options)
+    try:
+        return retry_io(_write_once, fs, url, path, data)
+    except Exception as exc:  # noqa: BLE001 - every failure of a write is reported as that write's
+        raise WriteError(url, io_reason(exc)) from exc
+
+
+def _write_once(fs: fsspec.AbstractFileSystem, url: str, path: str, data: bytes) -> str:
     if _is_local(fs):
         directory = os.path.dirname(path) or "."
         os.makedirs(directory, exist_ok=True)
@@ -393,3 +566,31 @@ def atomic_write_bytes(
     fs.pipe_file(tmp, data)
     fs.mv(tmp, path)
     return url
+
+
+def _is_temp_name(name: str) -> bool:
+    """Hidden temp files of an interrupted local write_bytes_atomic (and older '.tmp-*' ones)."""
+    return name.startswith(".") and (name.endswith(".tmp") or name.startswith(".tmp-"))
+
+
+def sweep_temp_files(output: str, subdirs: Sequence[str] = ()) -> int:
+    """Remove temp files that a killed writer left in a local output (root and ``subdirs``, one level
+    below each); object stores write with one PUT and have none. Returns how many were removed."""
+    if not is_local(output):
+        return 0
+    root = _local_path(output)
+    dirs = [root]
+    for sub in subdirs:
+        d = os.path.join(root, sub)
+        dirs.append(d)
+        if os.path.isdir(d):
+            dirs.extend(os.path.join(d, n) for n in sorted(os.listdir(d)) if os.path.isdir(os.path.join(d, n)))
+    removed = 0
+    for d in dirs:
+        if not os.path.isdir(d):
+            continue
+        for name in os.listdir(d):
+            if _is_temp_name(name) and os.path.isfile(os.path.join(d, name)):
+                os.unlink(os.path.join(d, name))
+                removed += 1
+    return removed
