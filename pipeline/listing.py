@@ -24,8 +24,9 @@ import json
 import os
 import posixpath
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -105,7 +106,8 @@ _URI_COLUMNS = ("uri", "url", "path", "key", "file", "filename")
 
 
 def iter_manifest(url: str) -> Iterator[str]:
-    """Yield URIs from a manifest: Parquet (column uri/url/path), CSV (same names, else first column) or text (one per line)."""
+    """Yield URIs from a manifest: Parquet (column uri/url/path), CSV (same names, else first column) or text
+    (one per line)."""
     lower = url.lower()
     try:
         f = open_url(url, "rb")
@@ -158,6 +160,7 @@ def iter_inputs(spec: InputSpec) -> Iterator[tuple[str, str | None]]:
                 raise InputError(f"manifest {spec.manifest} holds a relative path {uri!r}; "
                                  "use absolute paths or full URLs (s3://bucket/key)")
         return
+    assert spec.input is not None  # InputSpec holds exactly one of input and manifest
     yield from iter_prefix(spec.input, spec.extensions, spec.glob)
 
 
@@ -176,87 +179,95 @@ def unique_in_order(uris: Iterator[str], workdir: str, buckets: int = DEDUP_BUCK
     bytes, under ``workdir``. Pass 1 buffers at most ``buckets * flush_at`` URIs. A failing local
     write raises WriteError naming the file.
     """
-    pos_type = pa.int64()
-    schema = pa.schema([("pos", pos_type), ("uri", pa.string())])
-
-    def opened(path: str, sch: pa.Schema):
-        try:
-            return pa.ipc.new_stream(path, sch)
-        except OSError as exc:
-            raise WriteError(path, io_reason(exc)) from exc
-
-    def write(writer, path: str, batch: pa.RecordBatch) -> None:
-        try:
-            writer.write_batch(batch)
-        except OSError as exc:
-            raise WriteError(path, io_reason(exc)) from exc
-
     spool_path = os.path.join(workdir, "spool.arrows")
     bucket_paths = [os.path.join(workdir, f"bucket-{b:04d}.arrows") for b in range(buckets)]
-    spool = opened(spool_path, pa.schema([("uri", pa.string())]))
-    writers = [opened(p, schema) for p in bucket_paths]
-    pending: list[tuple[list[int], list[str]]] = [([], []) for _ in range(buckets)]
+    _spool_and_bucket(uris, spool_path, bucket_paths, flush_at)
+    repeats = [r for b, path in enumerate(bucket_paths)
+               if (r := _repeated_positions(path, os.path.join(workdir, f"repeats-{b:04d}.arrows")))]
+    skip = heapq.merge(*(_read_column(p) for p in repeats))
+    next_skip = next(skip, None)
+    for pos, uri in enumerate(_read_column(spool_path)):
+        if pos == next_skip:
+            next_skip = next(skip, None)
+        else:
+            yield uri
+
+
+_POS_URI = pa.schema([("pos", pa.int64()), ("uri", pa.string())])
+
+
+class _ArrowStream:
+    """An Arrow IPC stream file being written; OS errors become WriteError naming the file."""
+
+    def __init__(self, path: str, schema: pa.Schema):
+        self.path, self.schema = path, schema
+        try:
+            self.writer = pa.ipc.new_stream(path, schema)
+        except OSError as exc:
+            raise WriteError(path, io_reason(exc)) from exc
+
+    def write(self, columns: list[list]) -> None:
+        try:
+            self.writer.write_batch(pa.record_batch(
+                [pa.array(c, f.type) for c, f in zip(columns, self.schema)], schema=self.schema))
+        except OSError as exc:
+            raise WriteError(self.path, io_reason(exc)) from exc
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _spool_and_bucket(uris: Iterator[str], spool_path: str, bucket_paths: list[str], flush_at: int) -> None:
+    """Pass 1: every URI in order to the spool, ``(position, uri)`` to the bucket of its hash."""
+    spool = _ArrowStream(spool_path, pa.schema([("uri", pa.string())]))
+    writers = [_ArrowStream(p, _POS_URI) for p in bucket_paths]
+    pending: list[tuple[list[int], list[str]]] = [([], []) for _ in bucket_paths]
     in_order: list[str] = []
-
-    def flush_bucket(b: int) -> None:
-        pos, names = pending[b]
-        if pos:
-            write(writers[b], bucket_paths[b], pa.record_batch([pa.array(pos, pos_type), pa.array(names)], schema=schema))
-            pos.clear()
-            names.clear()
-
-    def flush_spool() -> None:
-        if in_order:
-            write(spool, spool_path, pa.record_batch([pa.array(in_order, pa.string())], names=["uri"]))
-            in_order.clear()
-
     for pos, uri in enumerate(uris):
-        b = hash(uri) % buckets
+        b = hash(uri) % len(bucket_paths)
         pending[b][0].append(pos)
         pending[b][1].append(uri)
         if len(pending[b][0]) >= flush_at:
-            flush_bucket(b)
+            writers[b].write([pending[b][0], pending[b][1]])
+            pending[b] = ([], [])
         in_order.append(uri)
         if len(in_order) >= 8192:
-            flush_spool()
-    flush_spool()
+            spool.write([in_order])
+            in_order = []
+    if in_order:
+        spool.write([in_order])
     spool.close()
-    repeats: list[str] = []
-    for b in range(buckets):
-        flush_bucket(b)
-        writers[b].close()
-        seen: set[str] = set()
-        dups: list[int] = []
-        with pa.ipc.open_stream(bucket_paths[b]) as reader:
-            for batch in reader:
-                for pos, uri in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-                    if uri in seen:
-                        dups.append(pos)  # positions arrive in order: the list stays sorted
-                    else:
-                        seen.add(uri)
-        os.unlink(bucket_paths[b])
-        if dups:
-            path = os.path.join(workdir, f"repeats-{b:04d}.arrows")
-            with opened(path, pa.schema([("pos", pos_type)])) as w:
-                write(w, path, pa.record_batch([pa.array(dups, pos_type)], names=["pos"]))
-            repeats.append(path)
+    for (pos_list, names), w in zip(pending, writers):
+        if pos_list:
+            w.write([pos_list, names])
+        w.close()
 
-    def positions(path: str) -> Iterator[int]:
-        with pa.ipc.open_stream(path) as reader:
-            for batch in reader:
-                yield from batch.column(0).to_pylist()
 
-    skip = heapq.merge(*(positions(p) for p in repeats))
-    next_skip = next(skip, None)
-    pos = 0
-    with pa.ipc.open_stream(spool_path) as reader:
+def _repeated_positions(bucket_path: str, out_path: str) -> str | None:
+    """Pass 2 for one bucket: the positions of repeated URIs (sorted) to ``out_path``; None if none."""
+    seen: set[str] = set()
+    dups: list[int] = []
+    with pa.ipc.open_stream(bucket_path) as reader:
         for batch in reader:
-            for uri in batch.column(0).to_pylist():
-                if pos == next_skip:
-                    next_skip = next(skip, None)
+            for pos, uri in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                if uri in seen:
+                    dups.append(pos)  # positions arrive in order: the list stays sorted
                 else:
-                    yield uri
-                pos += 1
+                    seen.add(uri)
+    os.unlink(bucket_path)
+    if not dups:
+        return None
+    w = _ArrowStream(out_path, pa.schema([("pos", pa.int64())]))
+    w.write([dups])
+    w.close()
+    return out_path
+
+
+def _read_column(path: str) -> Iterator:
+    """The first column of an Arrow IPC stream file, value by value."""
+    with pa.ipc.open_stream(path) as reader:
+        for batch in reader:
+            yield from batch.column(0).to_pylist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,7 +349,7 @@ def load_plan(output: str) -> Plan | None:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 class _ShardWriter:
@@ -441,7 +452,7 @@ MERGE_BATCH = 512  # entries read at a time from each sorted run while merging
 
 
 def external_sort(rows: Iterator[tuple], names: Sequence[str], types: Sequence[pa.DataType], workdir: str,
-                  key: Callable[[tuple], object], run_size: int = SORT_RUN) -> Iterator[tuple]:
+                  key: Callable[[tuple], Any], run_size: int = SORT_RUN) -> Iterator[tuple]:
     """``rows`` sorted by ``key``, holding at most ``run_size`` of them in memory: sorted runs are
     spilled to Arrow files under ``workdir``, then merged (heapq) ``MERGE_BATCH`` of each at a time
     (100 M entries: 1,000 runs, 0.5 M entries in memory while merging).
@@ -514,13 +525,13 @@ def diff_sorted(listed: Iterator[tuple[str, str | None]],
     lst = next(listed, None)
     pln = next(planned, None)
     while lst is not None or pln is not None:
-        if pln is None or (lst is not None and lst[0] < pln[0]):
+        if lst is not None and (pln is None or lst[0] < pln[0]):
             yield "new", lst[0], lst[1], -1
             lst = next(listed, None)
-        elif lst is None or pln[0] < lst[0]:
+        elif pln is not None and (lst is None or pln[0] < lst[0]):
             yield "deleted", pln[0], None, pln[1]
             pln = next(planned, None)
-        else:
+        elif lst is not None and pln is not None:
             same = lst[1] is None or pln[2] is None or lst[1] == pln[2]
             yield ("unchanged" if same else "changed"), lst[0], lst[1], pln[1]
             lst, pln = next(listed, None), next(planned, None)
