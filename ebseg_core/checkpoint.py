@@ -187,8 +187,7 @@ def build_model(config: EBSegConfig | str = "ebseg-b", checkpoint: "str | Resolv
     model = EBSeg(cfg)
     if isinstance(checkpoint, ResolvedCheckpoint):
         load_ebseg_state_dict(model, read_state_dict(checkpoint.weights_url))
-        ident = checkpoint.digest or hashlib.sha1(checkpoint.weights_url.encode()).hexdigest()
-        model.model_id = f"{cfg.name}:{ident[:12]}"
+        model.model_id = checkpoint.model_id(cfg.name)
     elif checkpoint:
         load_ebseg_state_dict(model, read_state_dict(checkpoint))
         model.model_id = f"{cfg.name}:{hashlib.sha1(str(checkpoint).encode()).hexdigest()[:12]}"
@@ -383,6 +382,11 @@ class ResolvedCheckpoint:
         if self.train_vocabulary is None or vocab.seen is not None:
             return vocab
         return vocab.with_training_classes([list(s) for s in self.train_vocabulary.synonyms])
+
+    def model_id(self, config_name: str) -> str:
+        """The identity of a model built from these weights: by content when known, else by location."""
+        ident = self.digest or hashlib.sha1(self.weights_url.encode()).hexdigest()
+        return f"{config_name}:{ident[:12]}"
 
     def describe(self) -> str:
         it = f", iteration {self.iteration}" if self.iteration is not None else ""
