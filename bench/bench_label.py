@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label:<18} {ips:8.2f} images/s  {note}")
         print(f"ratio marginal / model only: {100 * marginal_ips / model_ips:.1f} %  (goal >= 90 %)")
         print(f"peak RSS N={n}:   driver {mem_n.driver / 2**20:6.0f} MiB, ray workers {mem_n.workers / 2**20:6.0f} MiB")
-        print(f"peak RSS 10N={10 * n}: driver {mem_10n.driver / 2**20:6.0f} MiB, ray workers {mem_10n.workers / 2**20:6.0f} MiB")
+        print(f"peak RSS 10N={10 * n}: driver {mem_10n.driver / 2**20:6.0f} MiB, "
+              f"ray workers {mem_10n.workers / 2**20:6.0f} MiB")
         print(f"growth N -> 10N: driver {(mem_10n.driver - mem_n.driver) / 2**20:+.0f} MiB, "
               f"workers {(mem_10n.workers - mem_n.workers) / 2**20:+.0f} MiB (goal: flat)")
     finally:

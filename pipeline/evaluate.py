@@ -287,7 +287,7 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalR
     log(f"{n} actor(s), {g:g} GPU and {c:g} CPU each; predictor: {cfg.predictor}"
         + (f", model {cfg.preset}" if cfg.predictor == "model" else "") + (", TTA" if cfg.tta else ""))
     t0 = time.perf_counter()
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * n)))
+    ds: ray.data.Dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * n)))
     threads = cfg.torch_threads or pool.torch_threads
     ds = ds.map_batches(Scorer, fn_constructor_kwargs={"cfg": cfg, "specs": specs, "torch_threads": threads},
                         batch_size=cfg.batch_size,

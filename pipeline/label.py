@@ -392,7 +392,7 @@ def build_dataset(cfg: LabelConfig, items: list[dict], spec: ModelSpec, vocab: V
     held = max(cfg.read_batch_size, 4 * cfg.batch_size)
     grouping = (SizeGrouping(cfg.batch_size, short, max_size, divisibility, max_held=held)
                 if cfg.group_by_size else None)
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 10_000))
+    ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=min(len(items), 10_000))
     ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow",
                         fn_kwargs={"max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
                                    "retries": cfg.read_retries, "threads": cfg.read_threads,
@@ -406,5 +406,5 @@ def build_dataset(cfg: LabelConfig, items: list[dict], spec: ModelSpec, vocab: V
                         batch_size=None if grouping else cfg.batch_size, batch_format="pyarrow",
                         compute=ActorPoolStrategy(size=pool.num_actors), num_gpus=pool.gpus, num_cpus=pool.cpus,
                         resources=dict(cfg.actor_resources) or None)
-    return ds.map_batches(encode_and_write, batch_size=cfg.write_batch_size, batch_format="pyarrow",
+    return ds.map_batches(encode_and_write, batch_size=cfg.write_batch_size, batch_format="pyarrow",  # type: ignore[arg-type]
                           fn_kwargs={"output": cfg.output, "vocab": vocab, "model": spec.describe()}, num_cpus=0.5)

@@ -79,7 +79,7 @@ def encode_and_write(batch: pa.Table, output: str, vocab: Vocabulary, model: dic
     schema = S.label_schema(vocab.names, [list(s) for s in vocab.synonyms], vocab.id, model=model)
     summary: dict[str, list] = {"shard": [], "rows": [], "ok": [], "error_kinds": [], "model_calls": [],
                                 "deferred": [], "fault": [], "fault_hint": []}
-    calls: Counter = Counter()  # model calls per shard: each of a call's n rows adds 1/n
+    calls: dict[int, float] = defaultdict(float)  # model calls per shard: each of a call's n rows adds 1/n
     for shard, n in zip(d["shard"], d["call_images"]):
         calls[shard] += 1.0 / n if n else 0.0
     for shard in sorted(set(by_shard) | set(deferred)):
