@@ -14,7 +14,13 @@ What is measured:
 - memory: peak RSS of the driver and peak summed RSS of Ray worker processes during a job of N and
   of 10N images.
 
+- ``--mixed-sizes``: a lake of several aspect ratios in shuffled order, labeled with and without
+  grouping by padded size before the actors (``LabelConfig.group_by_size``), side by side: model
+  calls, mean images per call (against the fewest calls possible) and images/s.
+
 Usage:  python -m bench.bench_label --preset ebseg-tiny --random-weights --images 32 --size 256 --inference-size 256
+        python -m bench.bench_label --mixed-sizes --preset ebseg-tiny --random-weights --images 96 --size 64 \\
+            --inference-size 64
 """
 
 from __future__ import annotations
@@ -29,15 +35,20 @@ import time
 import numpy as np
 from PIL import Image
 
+# Aspect ratios (h, w) of the mixed lake: landscape 4:3 and 16:9, portrait 3:4, square.
+MIXED_ASPECTS = [(3, 4), (9, 16), (4, 3), (1, 1)]
 
-def write_images(root: str, n: int, size: int, seed: int = 0) -> list[str]:
-    """n JPEGs of size x (size * 4/3) with smooth random content."""
+
+def write_images(root: str, n: int, size: int, seed: int = 0, mixed: bool = False) -> list[str]:
+    """n JPEGs with smooth random content: size x (size * 4/3), or with ``mixed`` the MIXED_ASPECTS at
+    short side ``size`` in a shuffled order."""
     os.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = []
-    h, w = size, size * 4 // 3
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     for i in range(n):
+        ah, aw = MIXED_ASPECTS[rng.integers(len(MIXED_ASPECTS))] if mixed else (3, 4)
+        h, w = (size, size * aw // ah) if ah <= aw else (size * ah // aw, size)
+        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
         f = rng.uniform(0.01, 0.05, 3)
         img = np.stack([127 + 120 * np.sin(f[c] * (x + y * (c + 1)) + i) for c in range(3)], axis=2)
         path = os.path.join(root, f"img_{i:06d}.jpg")
@@ -51,18 +62,11 @@ def model_only(args, paths: list[str]) -> float:
     import torch
 
     from ebseg_core import Vocabulary
-    from pipeline.label import ModelSpec
+    from ebseg_core.model_spec import ModelSpec
 
-    torch.manual_seed(0)
-    from ebseg_core import build_model
-
-    from ebseg_core.checkpoint import resolve_checkpoint
-
-    checkpoint = resolve_checkpoint(args.checkpoint, preset=args.preset) if args.checkpoint else None
-    spec = ModelSpec(args.preset, checkpoint, args.batch_size, inference_size=args.inference_size)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = build_model(spec.config(), checkpoint=checkpoint).eval()
+    spec = ModelSpec.from_options(checkpoint=args.checkpoint, random_weights=args.checkpoint is None,
+                                  preset=args.preset, batch_size=args.batch_size, inference_size=args.inference_size)
+    model = spec.with_threads(args.threads).build(device="cpu")
     vocab = Vocabulary.parse(args.vocabulary)
     images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
     with torch.inference_mode():
@@ -120,19 +124,63 @@ class PeakRSS:
         self._thread.join()
 
 
-def job(args, input_dir: str, output: str):
+def job(args, input_dir: str, output: str, group_by_size: bool = True):
     from pipeline.label import LabelConfig, run_label
 
     cfg = LabelConfig(input=input_dir, output=output, vocabulary=args.vocabulary, preset=args.preset,
                       checkpoint=args.checkpoint, random_weights=args.checkpoint is None,
                       inference_size=args.inference_size, batch_size=args.batch_size, shard_size=args.shard_size,
                       num_actors=args.num_actors, num_cpus_per_actor=args.num_cpus_per_actor, progress_bars=False,
-                      progress_interval_s=30.0)
+                      progress_interval_s=30.0, group_by_size=group_by_size)
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         summary = run_label(cfg, log=lambda s: None)
         wall = time.perf_counter() - t0
     return summary, wall, mem
+
+
+def fewest_calls(args, paths: list[str]) -> int:
+    """The fewest model calls that label the lake: per plan shard (sorted paths), one call per
+    batch_size images of one padded size."""
+    from collections import Counter
+
+    from ebseg_core.model_spec import ModelSpec, padded_size
+
+    spec = ModelSpec.from_options(checkpoint=args.checkpoint, random_weights=args.checkpoint is None,
+                                  preset=args.preset, inference_size=args.inference_size)
+    ordered = sorted(paths)
+    calls = 0
+    for start in range(0, len(ordered), args.shard_size):
+        keys = Counter()
+        for p in ordered[start:start + args.shard_size]:
+            with Image.open(p) as im:
+                keys[padded_size(im.height, im.width, *spec.input_sizing())] += 1
+        calls += sum(-(-n // args.batch_size) for n in keys.values())
+    return calls
+
+
+def mixed_sizes(args, work: str) -> None:
+    """The mixed-size lake labeled with and without grouping by padded size, side by side."""
+    lake = os.path.join(work, "mixed")
+    paths = write_images(lake, args.images, args.size, mixed=True)
+    job(args, lake, os.path.join(work, "out_warm"))  # Ray workers started once, not counted
+    rows = []
+    for rep in range(2):  # alternate, so that a machine busy at one moment does not favour one side
+        for grouped in (False, True):
+            summary, wall, _ = job(args, lake, os.path.join(work, f"out_{grouped}_{rep}"), group_by_size=grouped)
+            rows.append((grouped, summary, wall))
+    best = fewest_calls(args, paths)
+    print(f"mixed lake: {len(paths)} images, aspects {MIXED_ASPECTS} at short side {args.size}, model {args.preset}, "
+          f"batch {args.batch_size}, inference size {args.inference_size or 'preset'}, shard size {args.shard_size}")
+    print(f"fewest model calls possible: {best} ({len(paths) / best:.2f} images per call)")
+    rate = {}
+    for grouped, summary, wall in rows:
+        name = "grouped by size" if grouped else "arrival order"
+        rate.setdefault(grouped, []).append(summary.processed / wall)
+        print(f"{name:<16} model calls {summary.model_calls:4d}, {summary.processed / summary.model_calls:5.2f} "
+              f"images per call, {summary.processed / wall:7.2f} images/s (wall {wall:.1f} s)")
+    ratio = max(rate[True]) / max(rate[False])
+    print(f"images/s grouped / arrival order (best of 2 each): {ratio:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-actors", type=int, default=1)
     p.add_argument("--num-cpus-per-actor", type=float, default=None)
     p.add_argument("--threads", type=int, default=0, help="torch threads for the model-only run (0: default)")
+    p.add_argument("--mixed-sizes", action="store_true", help="compare grouping by padded size on a mixed lake")
     args = p.parse_args(argv)
     if args.checkpoint is None and not args.random_weights:
         p.error("give --checkpoint or --random-weights")
@@ -156,11 +205,14 @@ def main(argv: list[str] | None = None) -> int:
 
     work = tempfile.mkdtemp(prefix="bench_label_")
     try:
+        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 2)), include_dashboard=False,
+                 log_to_driver=False)
+        if args.mixed_sizes:
+            mixed_sizes(args, work)
+            return 0
         n = args.images
         small = os.path.join(work, "in_n")
         paths = write_images(small, n, args.size)
-        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 2)), include_dashboard=False,
-                 log_to_driver=False)
         # Warm run: Ray workers started once, not counted (each job still starts its own model actor).
         job(args, small, os.path.join(work, "out_warm"))
         summary, wall, mem_n = job(args, small, os.path.join(work, "out_n"))
@@ -183,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label:<18} {ips:8.2f} images/s  {note}")
         print(f"ratio marginal / model only: {100 * marginal_ips / model_ips:.1f} %  (goal >= 90 %)")
         print(f"peak RSS N={n}:   driver {mem_n.driver / 2**20:6.0f} MiB, ray workers {mem_n.workers / 2**20:6.0f} MiB")
-        print(f"peak RSS 10N={10 * n}: driver {mem_10n.driver / 2**20:6.0f} MiB, ray workers {mem_10n.workers / 2**20:6.0f} MiB")
+        print(f"peak RSS 10N={10 * n}: driver {mem_10n.driver / 2**20:6.0f} MiB, "
+              f"ray workers {mem_10n.workers / 2**20:6.0f} MiB")
         print(f"growth N -> 10N: driver {(mem_10n.driver - mem_n.driver) / 2**20:+.0f} MiB, "
               f"workers {(mem_10n.workers - mem_n.workers) / 2**20:+.0f} MiB (goal: flat)")
     finally:

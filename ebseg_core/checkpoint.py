@@ -365,6 +365,10 @@ class ResolvedCheckpoint:
             return vocab
         return vocab.with_training_classes([list(s) for s in self.train_vocabulary.synonyms])
 
+    def model_id(self, config_name: str) -> str:
+        """The identity of a model built from these weights: their content (``digest``), as ``build_model`` names it."""
+        return f"{config_name}:{self.digest[:12]}"
+
     def describe(self) -> str:
         it = f", iteration {self.iteration}" if self.iteration is not None else ""
         return f"{self.weights_url} ({self.preset}{it})"

@@ -20,6 +20,7 @@ from torch import nn
 from .clip import CLIPFeatureExtractor, CLIPRecognitionHead, OpenVocabClassifier
 from .config import (CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, SAM_PIXEL_MEAN, SAM_PIXEL_STD, EBSegConfig)
 from .decoder import EBSegHead
+from .model_spec import resized_shape
 from .sam_backbone import SAMBackbone
 from .vocabulary import Vocabulary
 
@@ -56,16 +57,6 @@ def autocast_dtype_for(precision: str | None, device: torch.device | str) -> tor
     if precision not in dtypes:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     return dtypes[precision]
-
-
-def resized_shape(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
-    """Shortest side -> `short`, longest capped at `max_size` (detectron2 ResizeShortestEdge rounding)."""
-    scale = short / min(h, w)
-    nh, nw = (short, scale * w) if h < w else (scale * h, short)
-    if max(nh, nw) > max_size:
-        s = max_size / max(nh, nw)
-        nh, nw = nh * s, nw * s
-    return int(nh + 0.5), int(nw + 0.5)
 
 
 class EBSeg(nn.Module):

@@ -13,6 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
 from .errors import UserError
 
 MAX_CLASSES = 5000  # the text classifier and per-pixel scores grow with C; beyond this, split the vocabulary
@@ -85,7 +86,7 @@ class Vocabulary:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def parse(cls, text: str) -> "Vocabulary":
+    def parse(cls, text: str) -> Vocabulary:
         """'cat,dog;puppy,grass': ',' separates classes, ';' separates synonyms of one class."""
         classes = [c for c in (part.strip() for part in text.split(",")) if c]
         if not classes:
@@ -93,28 +94,54 @@ class Vocabulary:
         return cls(tuple(_split_synonyms(c, ";") for c in classes))
 
     @classmethod
-    def from_names(cls, names: list[str] | list[list[str]]) -> "Vocabulary":
+    def from_names(cls, names: list[str] | list[list[str]]) -> Vocabulary:
         return cls(tuple((n,) if isinstance(n, str) else tuple(n) for n in names))
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Vocabulary":
-        """One class per line, synonyms separated by ';' (ours) or the official 'id:name,syn,...' format."""
-        from .data.benchmarks import BenchmarkError, read_class_list_file
+    def from_file(cls, path: str | Path) -> Vocabulary:
+        """One class per line, synonyms separated by ';' (ours) or the official 'id:name,syn,...' format;
+        a local path or a URL (``s3://...``)."""
+        from .data.benchmarks import BenchmarkError, parse_class_list
+        from .storage import read_bytes
 
+        where = str(path)
         try:
-            classes = read_class_list_file(path)
+            data = read_bytes(where)
+        except FileNotFoundError:
+            raise VocabularyError(f"vocabulary file not found: {where}") from None
+        except IsADirectoryError:
+            raise VocabularyError(f"vocabulary file is a directory: {where}") from None
+        try:
+            classes = parse_class_list(data.decode("utf-8"), where)
         except BenchmarkError as e:
             raise VocabularyError(str(e)) from None
-        return cls.from_class_list(classes, source=str(path))
+        except UnicodeDecodeError as e:
+            raise VocabularyError(f"{where}: not UTF-8 text ({e})") from None
+        return cls.from_class_list(classes, source=where)
 
     @classmethod
-    def from_class_list(cls, classes: list[tuple[str, list[str]]], source: str = "custom") -> "Vocabulary":
+    def from_options(cls, *, text: str | None = None, file: str | None = None,
+                     preset: str | None = None) -> Vocabulary:
+        """The vocabulary flags of every command (``--vocabulary``, ``--vocabulary-file``,
+        ``--vocabulary-preset``): exactly one of them."""
+        given = [x for x in (text, file, preset) if x]
+        if len(given) != 1:
+            raise VocabularyError("give exactly one of --vocabulary \"cat,dog;puppy,grass\", --vocabulary-file PATH, "
+                                  "--vocabulary-preset NAME")
+        if text:
+            return cls.parse(text)
+        if file:
+            return cls.from_file(file)
+        return cls.preset(preset)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_class_list(cls, classes: list[tuple[str, list[str]]], source: str = "custom") -> Vocabulary:
         """From ``(prompt, synonyms)`` per class, as ``ebseg_core.data.parse_class_list`` reads them."""
         return cls(tuple(tuple(syns) for _, syns in classes), source=source,
                    prompts=tuple(prompt for prompt, _ in classes))
 
     @classmethod
-    def preset(cls, key: str) -> "Vocabulary":
+    def preset(cls, key: str) -> Vocabulary:
         """A benchmark's classes: coco171, ade150, ade847, pc59, pc459, voc20."""
         canonical = _PRESET_ALIASES.get(key.lower())
         if canonical is None:
@@ -125,7 +152,7 @@ class Vocabulary:
         return cls.from_class_list(load_class_list(canonical), source=f"preset:{canonical}")
 
     @classmethod
-    def from_spec(cls, spec: str) -> "Vocabulary":
+    def from_spec(cls, spec: str) -> Vocabulary:
         """CLI helper: 'preset:ade150', 'file:path', a path to an existing file, or an inline list."""
         if spec.startswith("preset:"):
             return cls.preset(spec[len("preset:"):])
@@ -141,7 +168,7 @@ class Vocabulary:
                            "prompts": self.prompts})
 
     @classmethod
-    def from_json(cls, text: str) -> "Vocabulary":
+    def from_json(cls, text: str) -> Vocabulary:
         d = json.loads(text)
         seen = tuple(d["seen"]) if d.get("seen") is not None else None
         prompts = tuple(d["prompts"]) if d.get("prompts") is not None else None
@@ -158,10 +185,10 @@ class Vocabulary:
             return list(self.seen)
         return list(_overlap_with_coco171(self.synonyms))
 
-    def with_seen(self, seen: list[bool]) -> "Vocabulary":
+    def with_seen(self, seen: list[bool]) -> Vocabulary:
         return Vocabulary(self.synonyms, tuple(bool(s) for s in seen), self.source, self.prompts)
 
-    def with_training_classes(self, train_synonyms: list[list[str]]) -> "Vocabulary":
+    def with_training_classes(self, train_synonyms: list[list[str]]) -> Vocabulary:
         """This vocabulary with its seen flags fixed against another training class list."""
         if not train_synonyms or any(not syns for syns in train_synonyms):
             raise VocabularyError("the training class list is empty or has a class without names")

@@ -41,20 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(mod, "run an untrained model, the same on every run (labels are MEANINGLESS; for trying "
                              "the tool only)")
     mod.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda if available)")
-    parser.add_argument("--batch-size", type=positive_int, default=2, metavar="B", help="images per model call (default: %(default)s)")
-
-
-def _vocabulary(args):
-    from ebseg_core import Vocabulary
-
-    given = [x for x in (args.vocabulary, args.vocabulary_file, args.vocabulary_preset) if x]
-    if len(given) != 1:
-        raise UsageError("give exactly one of --vocabulary, --vocabulary-file, --vocabulary-preset")
-    if args.vocabulary:
-        return Vocabulary.parse(args.vocabulary)
-    if args.vocabulary_file:
-        return Vocabulary.from_file(args.vocabulary_file)
-    return Vocabulary.preset(args.vocabulary_preset)
+    parser.add_argument("--batch-size", type=positive_int, default=2, metavar="B",
+                        help="images per model call (default: %(default)s)")
 
 
 def _decode(path: str):
@@ -91,43 +79,34 @@ def _check_device(device: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
 
-    from ebseg_core import build_model, preset_config, with_inference_settings
-    from ebseg_core.checkpoint import resolve_checkpoint
+    from ebseg_core.model_spec import ModelSpec
+    from ebseg_core.vocabulary import Vocabulary
 
-    vocab = _vocabulary(args)
-    if not args.checkpoint and not args.random_weights:
-        raise UsageError("no --checkpoint given; pass the EBSeg weights (e.g. EBSeg_base.pth), or "
-                         "--random-weights to try the tool with an untrained model")
-    if args.checkpoint and args.random_weights:
-        raise UsageError("--checkpoint and --random-weights exclude each other")
+    vocab = Vocabulary.from_options(text=args.vocabulary, file=args.vocabulary_file, preset=args.vocabulary_preset)
+    spec = ModelSpec.from_options(
+        checkpoint=args.checkpoint, random_weights=args.random_weights, preset=args.preset,
+        best_checkpoint=args.best_checkpoint, inference_size=args.inference_size,
+        inference_max_size=args.inference_max_size, precision=args.precision, batch_size=args.batch_size)
     if args.device:
         _check_device(args.device)
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         raise UsageError(f"image not found: {', '.join(missing)}")
     images = [_decode(p) for p in args.images]
-    if args.checkpoint:
-        checkpoint = resolve_checkpoint(args.checkpoint, preset=args.preset, best=args.best_checkpoint)
-        config = checkpoint.model_config(args.inference_size, args.inference_max_size)
-        vocab = checkpoint.vocabulary_for(vocab)
-        print(f"checkpoint: {checkpoint.describe()}", file=sys.stderr)
-    else:
+    vocab = spec.vocabulary_for(vocab)
+    if spec.checkpoint is not None:
+        print(f"checkpoint: {spec.checkpoint.describe()}", file=sys.stderr)
+    else:  # the same untrained model on every run (as `ebseg label --random-weights`)
         print("WARNING: --random-weights: the model is UNTRAINED, the labels below are MEANINGLESS.", file=sys.stderr)
-        checkpoint = None
-        config = with_inference_settings(preset_config(args.preset or "ebseg-b"), args.inference_size,
-                                         args.inference_max_size)
-        torch.manual_seed(0)  # the same untrained model on every run (as `ebseg label --random-weights`)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(config, checkpoint=checkpoint, device=device)
+    model = spec.build(device=args.device)
     from pipeline.overlay import overlay
     from pipeline.schema import encode_label_png
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = model.segment(images, vocab, batch_size=args.batch_size, precision=args.precision)
+    results = model.segment(images, vocab, batch_size=spec.batch_size, precision=spec.precision)
     for path, img, res in zip(args.images, images, results):
         stem = Path(path).stem
         label = res.label_map.numpy()

@@ -409,7 +409,7 @@ def stats(ds: LabelDataset, q: Query | None = None) -> DatasetStats:
 
 def run_history(url: str) -> list[dict]:
     """The run history ``ebseg label`` keeps under an output directory (``_runs.json``); [] when none."""
-    from pipeline.label import RUNS_LOG
+    from pipeline.label_output import RUNS_LOG
 
     history = join(url, RUNS_LOG)
     try:

@@ -15,22 +15,21 @@ import csv
 import io
 import json
 import math
-import os
 import posixpath
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ebseg_core.checkpoint import CheckpointError, ResolvedCheckpoint, resolve_checkpoint
 from ebseg_core.data import Benchmark, BenchmarkError, get_benchmark, list_pairs
 from ebseg_core.errors import UserError
 from ebseg_core.evaluation import SemSegEvaluator, detectron2_style, mean_defined
+from ebseg_core.model_spec import ModelSpec
 from ebseg_core.storage import join, read_bytes, write_bytes_atomic
 from ebseg_core.vocabulary import Vocabulary, VocabularyError
-from pipeline.resources import actor_torch_threads, set_torch_threads
+from pipeline.resources import cluster_actor_pool, ensure_ray
 
 #: Column titles of the printed table (the README's order: A-847, PC-459, A-150, PC-59, VOC).
 DISPLAY = {"ade847": "A-847", "pc459": "PC-459", "ade150": "A-150", "pc59": "PC-59", "voc20": "VOC",
@@ -52,7 +51,6 @@ class EvalConfig:
     checkpoint: str | None = None  # weights file, checkpoint directory or training run directory
     random_weights: bool = False
     best_checkpoint: bool = False  # a run directory's best-validated checkpoint instead of its latest
-    resolved: ResolvedCheckpoint | None = None  # filled from ``checkpoint`` on the driver (checked, no full read)
     num_actors: int | None = None
     num_gpus_per_actor: float | None = None
     num_cpus_per_actor: float | None = None
@@ -66,6 +64,9 @@ class EvalConfig:
     class_names_file: str | None = None  # replace the benchmark's class list (one dataset only)
     predictor: str = "model"  # "ground-truth": predicts the label itself (checks data + evaluator = 100)
     torch_threads: int = 0
+    # The model of the "model" predictor: built from the fields above on the driver (checkpoint resolved and
+    # checked, not read); None for the ground-truth predictor.
+    model: ModelSpec | None = field(default=None, init=False)
 
     def __post_init__(self):
         if not self.datasets:
@@ -82,18 +83,20 @@ class EvalConfig:
         if self.predictor == "model" and not self.checkpoint and not self.random_weights:
             raise EvaluateError("give --checkpoint PATH_OR_URL (EBSeg weights), or --random-weights to time an "
                                 "untrained model (its mIoU is meaningless)")
-        if self.checkpoint and self.random_weights:
-            raise EvaluateError("--checkpoint and --random-weights exclude each other")
         if self.class_names_file and len(self.benchmarks) != 1:
             raise EvaluateError("--class-names replaces one benchmark's class list: evaluate one dataset")
         if self.batch_size < 1:
             raise EvaluateError("--batch-size must be at least 1")
-        if self.predictor == "model" and self.checkpoint and self.resolved is None:
+        if self.predictor == "model":
             try:
-                self.resolved = resolve_checkpoint(self.checkpoint, preset=self.preset, best=self.best_checkpoint)
-            except (CheckpointError, FileNotFoundError) as e:
+                self.model = ModelSpec.from_options(
+                    checkpoint=self.checkpoint, random_weights=self.random_weights, preset=self.preset,
+                    best_checkpoint=self.best_checkpoint, inference_size=self.inference_size,
+                    inference_max_size=self.inference_max_size, precision=self.precision,
+                    batch_size=self.batch_size)
+            except UserError as e:
                 raise EvaluateError(str(e)) from None
-        self.preset = self.resolved.preset if self.resolved else (self.preset or "ebseg-b")
+        self.preset = self.model.preset if self.model else (self.preset or "ebseg-b")
 
 
 @dataclass
@@ -165,23 +168,18 @@ class DatasetSpec:
 class Scorer:
     """Ray Data callable class: one model per actor, one vocabulary per benchmark; scores batches."""
 
-    def __init__(self, cfg: EvalConfig, specs: dict[str, DatasetSpec]):
+    def __init__(self, cfg: EvalConfig, specs: dict[str, DatasetSpec], torch_threads: int = 0):
         import torch
 
-        set_torch_threads(cfg.torch_threads)
         self.cfg = cfg
         self.specs = specs
         self.torch = torch
-        self.vocabs = {k: s.vocabulary for k, s in specs.items()}
         self.model = None
-        if cfg.predictor == "model":
-            from ebseg_core import build_model
-
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            self.model = build_model(model_config(cfg), checkpoint=cfg.resolved)
-            if cfg.resolved:  # seen/unseen classes against the checkpoint's training classes
-                self.vocabs = {k: cfg.resolved.vocabulary_for(v) for k, v in self.vocabs.items()}
-            self.model.to(self.device).eval()
+        # seen/unseen classes against the checkpoint's training classes
+        self.vocabs = {k: cfg.model.vocabulary_for(s.vocabulary) if cfg.model else s.vocabulary
+                       for k, s in specs.items()}
+        if cfg.model is not None:
+            self.model = cfg.model.with_threads(torch_threads).build()
 
     def _predict(self, images: list[np.ndarray], labels: list[np.ndarray], dataset: str) -> list[np.ndarray]:
         if self.model is None:  # ground-truth predictor: the label itself, ignored pixels -> class 0
@@ -243,53 +241,13 @@ class Scorer:
         return out
 
 
-def model_config(cfg: EvalConfig):
-    """The model's config: the checkpoint's preset and inference settings, with the size overrides applied."""
-    from ebseg_core import preset_config, with_inference_settings
-
-    if cfg.resolved:
-        return cfg.resolved.model_config(cfg.inference_size, cfg.inference_max_size)
-    return with_inference_settings(preset_config(cfg.preset), cfg.inference_size, cfg.inference_max_size)
-
-
 # ------------------------------------------------------------------------------------------------
 # driver
 # ------------------------------------------------------------------------------------------------
-def _ensure_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:  # embedded local Ray; logical CPUs > cores so the actors never starve the read tasks
-        cpus = os.cpu_count() or 2
-        ray.init(address="local", num_cpus=max(4, 2 * cpus), include_dashboard=False, log_to_driver=True)
-
-
-def _resources(cfg: EvalConfig, num_items: int) -> tuple[int, float, float]:
-    import ray
-
-    res = ray.cluster_resources()
-    gpus = float(res.get("GPU", 0))
-    cpus = float(res.get("CPU", 1))
-    g = cfg.num_gpus_per_actor if cfg.num_gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
-    if g > gpus:
-        raise EvaluateError(f"--num-gpus-per-actor {g:g} but the Ray cluster has {gpus:g} GPUs")
-    if cfg.predictor != "model":
-        g = 0.0
-    n = cfg.num_actors or (max(1, int(gpus // g)) if g > 0 else 1)
-    n = max(1, min(n, num_items))
-    c = cfg.num_cpus_per_actor if cfg.num_cpus_per_actor is not None else (
-        1.0 if g > 0 else max(0.25, min(1.0, (cpus - 1.0) / n)))
-    return n, g, c
-
-
 def benchmark_vocabulary(b: Benchmark, class_names_file: str | None = None) -> Vocabulary:
     """The benchmark's class list (its preset, or a user's file in its place), checked against its class count."""
     try:
-        vocab = Vocabulary.from_file(class_names_file) if class_names_file else Vocabulary.preset(b.classes)
+        vocab = Vocabulary.from_options(file=class_names_file, preset=None if class_names_file else b.classes)
     except VocabularyError as e:
         raise EvaluateError(str(e)) from None
     if len(vocab) != b.num_classes:
@@ -317,15 +275,21 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalR
         log(f"{b.name}: {len(pairs)} images under {cfg.root}")
         rows += [{"dataset": b.name, "key": p.key, "image_uri": p.image_uri, "label_uri": p.label_uri}
                  for p in pairs]
-    _ensure_ray()
-    n, g, c = _resources(cfg, len(rows))
-    if not cfg.torch_threads:
-        cfg = replace(cfg, torch_threads=actor_torch_threads(g, n, c, default_share=cfg.num_cpus_per_actor is None))
+    ensure_ray()
+    try:
+        pool = cluster_actor_pool(num_actors=cfg.num_actors, gpus_per_actor=cfg.num_gpus_per_actor,
+                                  cpus_per_actor=cfg.num_cpus_per_actor, max_actors=len(rows),
+                                  use_gpus=cfg.predictor == "model")
+    except UserError as e:
+        raise EvaluateError(str(e)) from None
+    n, g, c = pool.num_actors, pool.gpus, pool.cpus
     log(f"{n} actor(s), {g:g} GPU and {c:g} CPU each; predictor: {cfg.predictor}"
         + (f", model {cfg.preset}" if cfg.predictor == "model" else "") + (", TTA" if cfg.tta else ""))
     t0 = time.perf_counter()
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * n)))
-    ds = ds.map_batches(Scorer, fn_constructor_kwargs={"cfg": cfg, "specs": specs}, batch_size=cfg.batch_size,
+    ds: ray.data.Dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * n)))
+    threads = cfg.torch_threads or pool.torch_threads
+    ds = ds.map_batches(Scorer, fn_constructor_kwargs={"cfg": cfg, "specs": specs, "torch_threads": threads},
+                        batch_size=cfg.batch_size,
                         batch_format="numpy", compute=ActorPoolStrategy(size=n), num_gpus=g, num_cpus=c)
     evaluators = {b.name: SemSegEvaluator(b.num_classes, b.ignore_label, specs[b.name].vocabulary.names)
                   for b in cfg.benchmarks}
@@ -364,9 +328,10 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalR
 def _model_info(cfg: EvalConfig) -> dict:
     info = {"predictor": cfg.predictor, "tta": cfg.tta}
     if cfg.predictor == "model":
+        resolved = cfg.model.checkpoint if cfg.model else None
         info.update({"preset": cfg.preset, "checkpoint": cfg.checkpoint, "random_weights": cfg.random_weights,
-                     "weights": cfg.resolved.weights_url if cfg.resolved else None,
-                     "weights_sha256": cfg.resolved.digest if cfg.resolved else None,
+                     "weights": resolved.weights_url if resolved else None,
+                     "weights_sha256": resolved.digest if resolved else None,
                      "inference_size": cfg.inference_size, "inference_max_size": cfg.inference_max_size})
     return info
 

@@ -250,10 +250,10 @@ def test_train_prints_the_label_command_and_segment_uses_its_result(s3_run, s3, 
     assert first.iteration == 2 and first.digest != resolved.digest
 
     # `ebseg evaluate` resolves the same way, on the driver (no Ray needed to see a mismatch).
-    from pipeline.evaluate import EvalConfig, EvaluateError, model_config
+    from pipeline.evaluate import EvalConfig, EvaluateError
 
     ev = EvalConfig(["voc20"], str(tmp_path), checkpoint=str(local_run))
-    assert ev.preset == "ebseg-tiny" and ev.resolved.iteration == 4 and model_config(ev).test_min_size == 64
+    assert ev.preset == "ebseg-tiny" and ev.model.checkpoint.iteration == 4 and ev.model.config().test_min_size == 64
     with pytest.raises(EvaluateError, match="--preset ebseg-l does not match"):
         EvalConfig(["voc20"], str(tmp_path), checkpoint=weights_url, preset="ebseg-l")
 

@@ -24,12 +24,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.label import TEST_EXIT_ENV, LabelConfig, run_label
+from ebseg_core.data.synthetic import blob_image
+from pipeline.label import LabelConfig, run_label
 from pipeline.listing import InputSpec, build_plan, read_plan_shard
 from pipeline.schema import decode_confidence_png, decode_label_png, metadata_from_schema
-from tests.helpers import kill_processes_mentioning
-from ebseg_core.data.synthetic import blob_image
 from tests.flaky_proxy import FlakyProxy
+from tests.helpers import kill_processes_mentioning
+from tests.label_faults import exiting_labeler
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = "red,green;lime,blue"
@@ -139,7 +140,6 @@ def job_env(s3, tmp: str, **extra: str) -> dict[str, str]:
     env = {**os.environ, **s3.env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": tmp,
            "PYTHONPATH": str(REPO), **extra}
     env.pop("RAY_ADDRESS", None)
-    env.pop(TEST_EXIT_ENV, None)
     return env
 
 
@@ -223,12 +223,11 @@ def test_mixed_corpus_on_s3(ray_local, s3, corpus, reference_run):
     assert read_output(s3, s3_prefix).column("uri").to_pylist() == table.column("uri").to_pylist()
 
 
-def test_actor_killed_mid_job(ray_local, s3, s3_prefix, corpus, tmp_path, monkeypatch):
-    """The model actor exits on its 2nd batch (test-only hook); Ray restarts it and the batch is redone."""
+def test_actor_killed_mid_job(ray_local, s3, s3_prefix, corpus, tmp_path):
+    """The model actor exits on its 2nd batch (a test-only Labeler subclass); Ray restarts it and the batch is redone."""
     input_url, expected = corpus
     marker = tmp_path / "actor-exited"
-    monkeypatch.setenv(TEST_EXIT_ENV, f"2:{marker}")
-    summary = run_label(base_config(input_url, s3_prefix))
+    summary = run_label(base_config(input_url, s3_prefix), labeler=exiting_labeler(2, str(marker)))
     assert marker.exists(), "the actor did not exit: the test proves nothing"
     assert summary.complete
     check_rows(read_output(s3, s3_prefix), expected)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ebseg_core.data.synthetic import blob_image
 from pipeline.label import run_label
 from pipeline.listing import InputSpec, build_plan, load_plan, plan_generation, read_plan_shard
-from ebseg_core.data.synthetic import blob_image
 from tests.test_label_recovery import config, local_rows, write_images
 
 
@@ -124,7 +124,7 @@ def test_new_changed_deleted_then_rerun(ray_local, tmp_path, capsys):
 
 
 def test_kill_between_listing_and_labeling_then_while_retiring(ray_local, tmp_path, monkeypatch):
-    import pipeline.label as L
+    import pipeline.label_output as L
 
     src = tmp_path / "in"
     images = write_images(src, 3)

@@ -27,11 +27,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from ebseg_core.data.synthetic import blob_image
 from pipeline.label import LabelConfig, LabelError, build_dataset, run_label
 from ebseg_core.storage import WriteError
 from pipeline.listing import InputSpec, build_plan, read_plan_shard, unique_in_order
 from tests.helpers import free_port, kill_processes_mentioning
-from ebseg_core.data.synthetic import blob_image
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = "red,green;lime,blue"
@@ -204,14 +204,16 @@ def test_read_stage_is_not_fused_into_the_model(ray_local, tmp_path):
     """The executed plan keeps read_shards a task operator of its own before the model's actor pool."""
     from ray.data._internal.logical.optimizers import get_execution_plan
 
-    from pipeline.label import ModelSpec, VocabInfo, load_vocabulary
+    from ebseg_core.model_spec import ModelSpec
+    from ebseg_core.vocabulary import Vocabulary
+    from pipeline.resources import ActorPool
 
     for cpus in (1.0, 0.5):  # 1.0: the actor asks for what a read task asks for (fused before the fix)
         cfg = config(str(tmp_path / "o"), input=str(tmp_path))
-        vocab = load_vocabulary(cfg)
-        vinfo = VocabInfo(names=list(vocab.names), synonyms=[list(s) for s in vocab.synonyms], id=vocab.id)
+        vocab = Vocabulary.parse(VOCAB)
         ds = build_dataset(cfg, [{"shard": 0, "plan_url": "x", "only": []}],
-                           ModelSpec(preset="ebseg-tiny", checkpoint=None, batch_size=2), vocab, vinfo, 1, 0.0, cpus)
+                           ModelSpec(preset="ebseg-tiny", checkpoint=None, batch_size=2), vocab,
+                           ActorPool(1, 0.0, cpus, torch_threads=0))
         names = []
         op = get_execution_plan(ds._logical_plan)[0].dag
         while op is not None:
@@ -407,7 +409,7 @@ def test_input_refused_at_start_stops_before_labeling(s3, s3_prefix, tmp_path, m
 
 def test_job_marker_of_an_earlier_version_is_upgraded_not_refused(tmp_path):
     """Outputs written when `_job.json` named the checkpoint by path keep working: same job -> upgraded."""
-    from pipeline.label import _check_job_identity
+    from pipeline.label_output import check_job_identity
 
     ident = {"vocabulary_id": "v1", "preset": "ebseg-tiny", "weights_sha256": "random", "inference_size": 32,
              "inference_max_size": None}
@@ -416,11 +418,11 @@ def test_job_marker_of_an_earlier_version_is_upgraded_not_refused(tmp_path):
     marker = tmp_path / "_job.json"
     cfg = config(str(tmp_path))
     marker.write_text(json.dumps(legacy))
-    _check_job_identity(cfg, ident, True, lambda _: None)
+    check_job_identity(cfg.output, cfg.checkpoint, ident, True, lambda _: None)
     assert json.loads(marker.read_text()) == ident
     marker.write_text(json.dumps({**legacy, "inference_size": 48}))  # another job that holds labels: refused
     with pytest.raises(LabelError, match="holds labels of another job"):
-        _check_job_identity(cfg, ident, True, lambda _: None)
+        check_job_identity(cfg.output, cfg.checkpoint, ident, True, lambda _: None)
 
 
 def test_progress_lines_come_on_a_timer_not_per_batch():

@@ -66,3 +66,35 @@ def test_training_class_list_from_an_official_file(tmp_path):
     v = Vocabulary.parse("wall;walls,lamp")
     classes = Vocabulary.from_file(official).synonyms
     assert v.with_training_classes([list(c) for c in classes]).seen_flags() == [True, False]
+
+
+def test_from_options_is_the_one_front_door(tmp_path):
+    f = tmp_path / "classes.txt"
+    f.write_text("road, route|road;street\nsky\n")
+    assert Vocabulary.from_options(text="cat,dog;puppy").synonyms == (("cat",), ("dog", "puppy"))
+    assert Vocabulary.from_options(file=str(f)).names == ["road, route", "sky"]
+    assert Vocabulary.from_options(preset="ade150") == Vocabulary.preset("ade150")
+    for given in ({}, {"text": "a", "preset": "ade150"}, {"text": "a", "file": str(f)}):
+        with pytest.raises(VocabularyError, match="exactly one of"):
+            Vocabulary.from_options(**given)
+
+
+def test_vocabulary_file_on_object_storage(s3, s3_prefix):
+    url = s3_prefix + "classes.txt"
+    s3.fs.pipe(url.removeprefix("s3://"), b"road, route|road;street\nsky\n")
+    v = Vocabulary.from_options(file=url)
+    assert v.names == ["road, route", "sky"] and v.source == url
+    with pytest.raises(VocabularyError, match="not found"):
+        Vocabulary.from_options(file=s3_prefix + "missing.txt")
+
+
+def test_vocabulary_and_model_spec_import_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from ebseg_core.vocabulary import Vocabulary; from ebseg_core.model_spec import ModelSpec; "
+            "Vocabulary.from_options(preset='ade150').seen_flags(); "
+            "ModelSpec.from_options(checkpoint=None, random_weights=True, preset='ebseg-tiny').describe(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
