@@ -12,6 +12,7 @@ from jobs.cli import positive_int as _positive_int
 EPILOG = """\
 datasets (prepared layouts under --root; see docs/evaluation.md and `ebseg prepare-data --help`):
   ade847 (A-847)  pc459 (PC-459)  ade150 (A-150)  pc59 (PC-59)  voc20 (VOC)  coco171 (COCO-Stuff val)
+  generic (with --labels only): --root is a folder of images/, labels/ and class_names.txt
   detectron2 names work too: ade20k_sem_seg_val, pcontext_sem_seg_val, voc_sem_seg_val, ...
 
 examples:
@@ -30,6 +31,10 @@ examples:
 
   # score pseudo-labels written by `ebseg label --vocabulary-preset ade150` against ADE-150
   ebseg evaluate --labels s3://lake/labels/ade/ --dataset ade150 --root ./datasets --out ./eval-labels
+
+  # score pseudo-labels against your own labeled images (the training layout: images/, labels/ and
+  # class_names.txt, whose classes must be the labels' vocabulary)
+  ebseg evaluate --labels s3://lake/labels/ --dataset generic --root s3://lake/checked/
 
   # on a Ray cluster
   ray job submit --working-dir . -- python -m jobs.evaluate --dataset ade150 --root s3://... ...
@@ -96,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
                 raise EvaluateError("--labels evaluates existing labels: drop --checkpoint/--random-weights/--tta")
             report = evaluate_labels(args.labels, datasets[0], args.root, out=args.out,
                                      class_names_file=args.class_names_file)
+        elif "generic" in datasets:
+            raise EvaluateError("--dataset generic scores existing labels: give --labels URL (the model path "
+                                "evaluates the benchmarks listed below)")
         else:
             cfg = EvalConfig(
                 datasets=datasets, root=args.root, preset=args.preset, checkpoint=args.checkpoint,
@@ -103,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
                 num_gpus_per_actor=args.num_gpus_per_actor, num_cpus_per_actor=args.num_cpus_per_actor,
                 batch_size=args.batch_size, tta=args.tta, out=args.out, limit=args.limit,
                 inference_size=args.inference_size, inference_max_size=args.inference_max_size,
-                precision=args.precision, class_names_file=args.class_names_file, predictor=args.predictor, torch_threads=args.torch_threads,
+                precision=args.precision, class_names_file=args.class_names_file, predictor=args.predictor,
+                torch_threads=args.torch_threads,
             )
             report = run_evaluation(cfg)
     except EvaluateError as exc:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ebseg_core.data import Benchmark, BenchmarkError, get_benchmark, list_pairs
+from ebseg_core.data import Benchmark, BenchmarkError, Pair, get_benchmark, list_pairs
 from ebseg_core.errors import UserError
 from ebseg_core.evaluation import SemSegEvaluator, detectron2_style, mean_defined
 from ebseg_core.model_spec import ModelSpec
@@ -407,35 +407,62 @@ def _stem(uri: str) -> str:
     return posixpath.splitext(posixpath.basename(str(uri).replace("\\", "/")))[0]
 
 
+GENERIC = "generic"  # --labels against a folder in the training layout: images/, labels/, class_names.txt
+
+
+def _generic_truth(root: str, class_names_file: str | None, label_names: list[str]) -> tuple[list[Pair], list[str]]:
+    """Pairs of a generic-layout folder and its classes: --class-names, else its class_names.txt, else the
+    labels' own vocabulary (the truth's ids then must be the vocabulary's)."""
+    from ebseg_core.train_data import DatasetError, DatasetSpec, list_dataset
+
+    try:
+        samples, folder_names = list_dataset(DatasetSpec(root=root, layout=GENERIC))
+    except DatasetError as e:
+        raise EvaluateError(str(e)) from None
+    pairs = [Pair(key=_stem(s.image), image_uri=s.image, label_uri=s.label) for s in samples]
+    if class_names_file:
+        return pairs, Vocabulary.from_options(file=class_names_file).names
+    if folder_names:
+        return pairs, Vocabulary.from_class_list(folder_names).names
+    if not label_names:
+        raise EvaluateError(f"{root} has no class_names.txt and the labels name no classes: give --class-names")
+    return pairs, label_names
+
+
 def evaluate_labels(labels_url: str, dataset: str, root: str, out: str | None = None,
                     class_names_file: str | None = None, log: Callable[[str], None] = print) -> EvalReport:
-    """Score a label Parquet (rows matched to ground truth by image file name stem) on a benchmark.
+    """Score a label Parquet (rows matched to ground truth by image file name stem) on a benchmark, or
+    (``dataset="generic"``) on a folder in the training layout, e.g. the labeled part of a lake.
 
-    The Parquet's class ids must index the benchmark's class list: label with the same preset
-    (``--vocabulary-preset ade150``). Ground-truth images without a label row count as failures.
+    The Parquet's class ids must index the truth's class list: label with the same preset
+    (``--vocabulary-preset ade150``) or vocabulary. Ground-truth images without a label row count as failures.
     """
     import pyarrow.dataset as pads
 
     from pipeline.schema import decode_label_png, list_parquet_files, read_metadata
 
     try:
-        b: Benchmark = get_benchmark(dataset)
-        pairs = list_pairs(b, root)
-    except BenchmarkError as e:
-        raise EvaluateError(str(e)) from None
-    names = benchmark_vocabulary(b, class_names_file).names
-    try:
         files, fs = list_parquet_files(labels_url)
         meta = read_metadata(labels_url)
     except (FileNotFoundError, OSError, ValueError) as e:
         raise EvaluateError(f"cannot read label Parquet at {labels_url}: {e}") from None
+    if dataset == GENERIC:
+        pairs, names = _generic_truth(root, class_names_file, list(meta.names or []))
+        name, title, ignore_label, hint = GENERIC, root, 255, "the vocabulary of the truth's class_names.txt"
+    else:
+        try:
+            b: Benchmark = get_benchmark(dataset)
+            pairs = list_pairs(b, root)
+        except BenchmarkError as e:
+            raise EvaluateError(str(e)) from None
+        names = benchmark_vocabulary(b, class_names_file).names
+        name, title, ignore_label, hint = b.name, b.name, b.ignore_label, f"--vocabulary-preset {b.classes}"
     if meta.names and [n.lower() for n in meta.names] != [n.lower() for n in names]:
         raise EvaluateError(
-            f"the labels' vocabulary ({meta.num_classes} classes, first {meta.names[:3]}) is not {b.name}'s "
-            f"class list ({len(names)} classes, first {names[:3]}); label with "
-            f"--vocabulary-preset {b.classes}")
+            f"the labels' vocabulary ({meta.num_classes} classes, first {meta.names[:3]}) is not {title}'s "
+            f"class list ({len(names)} classes, first {names[:3]}); label with {hint}")
     by_stem = {_stem(p.image_uri): p for p in pairs}
-    ev = SemSegEvaluator(b.num_classes, b.ignore_label, names)
+    ev = SemSegEvaluator(len(names), ignore_label, names)
     errors: list[str] = []
     seen: set[str] = set()
     t0 = time.perf_counter()
@@ -459,7 +486,7 @@ def evaluate_labels(labels_url: str, dataset: str, root: str, out: str | None = 
     missing = [p.image_uri for p in pairs if p.key not in seen]
     errors += [f"{u}: no label row for this image" for u in missing]
     wall = time.perf_counter() - t0
-    res = DatasetResult(b.name, ev.compute(), ev.num_images, wall, errors)
+    res = DatasetResult(name, ev.compute(), ev.num_images, wall, errors)
     report = EvalReport([res], {"predictor": "labels", "labels": labels_url, "tta": False}, wall,
                         ev.num_images / wall if wall > 0 else 0.0)
     for line in format_table(report):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -144,3 +143,33 @@ def test_missing_label_rows_count_as_failures(tmp_path):
     rep = evaluate_labels(str(tmp_path / "l.parquet"), "voc20", str(tmp_path / "d"), log=lambda s: None)
     assert not rep.ok and rep.results[0].num_images == 2
     assert any("im002.jpg: no label row" in e for e in rep.results[0].errors)
+
+
+def test_evaluate_labels_against_a_generic_folder(tmp_path):
+    """`--dataset generic`: the truth is a folder in the training layout (images/, labels/, class_names.txt)."""
+    from ebseg_core.evaluation import SemSegEvaluator
+    from pipeline.schema import label_schema, make_ok_row, rows_to_table
+
+    rng = np.random.default_rng(3)
+    names = ["wall", "sky", "tree"]
+    root = tmp_path / "truth"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "class_names.txt").write_text("\n".join(names) + "\n")
+    rows, ev = [], SemSegEvaluator(3)
+    for i in range(3):
+        truth = rng.integers(0, 3, (10, 14)).astype(np.uint8)
+        truth[0] = 255
+        Image.fromarray(truth).save(root / "labels" / f"p{i}.png")
+        Image.fromarray(rng.integers(0, 255, (10, 14, 3), dtype=np.uint8)).save(root / "images" / f"p{i}.jpg")
+        pred = np.where(rng.random(truth.shape) < 0.3, 2, np.where(truth == 255, 0, truth)).astype(np.int64)
+        rows.append(make_ok_row(f"s3://lake/x/p{i}.jpg", pred, np.ones(pred.shape, np.float32), names))
+        ev.process(pred, truth)
+    pq.write_table(rows_to_table(rows, label_schema(names)), tmp_path / "labels.parquet")
+    rep = evaluate_labels(str(tmp_path / "labels.parquet"), "generic", str(root), log=lambda s: None)
+    assert rep.ok and rep.results[0].name == "generic" and rep.results[0].num_images == 3
+    assert rep.results[0].metrics["mIoU"] == pytest.approx(ev.compute()["mIoU"]) and rep.results[0].metrics["mIoU"] < 100
+    # labels of another vocabulary are refused with the classes named
+    (root / "class_names.txt").write_text("road\nsky\ntree\n")
+    with pytest.raises(EvaluateError, match="not .*class list"):
+        evaluate_labels(str(tmp_path / "labels.parquet"), "generic", str(root), log=lambda s: None)
