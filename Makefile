@@ -1,5 +1,5 @@
 # Entry points for people and CI. `make test` is exactly what CI runs (.ci/run).
-.PHONY: help setup test test-fast demo demo-photos selftrain
+.PHONY: help setup lint test test-fast demo demo-photos selftrain
 
 DEMO ?= out/demo
 
@@ -7,6 +7,7 @@ DEMO_VOCABULARY ?= person;astronaut,cat,coffee cup;cup,rocket,sky,ground;grass
 
 help:
 	@echo "make setup   create/update .venv (uv or pip) with the project and its test tools"
+	@echo "make lint    ruff (lint) and mypy (types), as CI runs them"
 	@echo "make test    setup, then the whole test suite (what CI runs); ARGS=\"-k storage\" narrows it"
 	@echo "make test-fast  the tests without Ray clusters, S3 or slow model runs (a couple of minutes)"
 	@echo "make demo    setup, then the loop on a generated world whose truth is known: train the tiny model,"
@@ -16,6 +17,10 @@ help:
 
 setup:
 	@scripts/setup.sh
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/mypy
 
 test:
 	@scripts/test.sh $(ARGS)
