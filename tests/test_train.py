@@ -21,17 +21,8 @@ import pytest
 import torch
 
 from ebseg_core.evaluation import SemSegEvaluator
-from pipeline.train import (
-    ConfigError,
-    SolverConfig,
-    apply_overrides,
-    config_from_dict,
-    load_config,
-    load_train_state,
-    param_groups,
-    poly_lr_factor,
-    prepare,
-)
+from ebseg_core.solver import SolverConfig, param_groups, poly_lr_factor
+from pipeline.train import ConfigError, apply_overrides, config_from_dict, load_config, load_train_state, prepare
 from tests.helpers import REPO_ROOT, free_port, stop_head
 from ebseg_core.data.synthetic import write_blob_images
 
@@ -141,6 +132,45 @@ def test_prepare_lists_remote_dataset(s3, s3_prefix):
     payload = prepare(cfg)
     assert len(payload["samples"]) == 5 and payload["samples"][0][0].startswith("s3://")
     assert json.loads(payload["vocabulary"])["synonyms"][1] == ["sky", "heaven"]
+
+
+def test_worker_payload_does_not_grow_with_the_sample_count(tmp_path):
+    """Issue #14: the driver sends its workers shard URLs and counts, not the sample list. A generated
+    manifest of 100,000 entries (pointing at three real images) costs the payload what 1,000 do, plus one
+    shard URL per 65,536 samples; the workers' view of the shards gives back every entry in order and
+    the training stream decodes real samples from it."""
+    from ebseg_core.train_data import AugmentConfig, SampleShards, ShardedSamples, TrainSampleDataset
+    from pipeline.train import worker_payload
+
+    data = tmp_path / "three"
+    _generic_dataset(data, 3, seed=0)
+    listing = prepare(load_config(str(CONFIGS / "tiny_generic.yaml"), [f"data.train={data}"]))
+    real = listing["samples"]
+
+    def payload_for(n: int) -> tuple[dict, int]:
+        cfg = load_config(str(CONFIGS / "tiny_generic.yaml"),
+                          [f"data.train={data}", f"run.storage_path={tmp_path / 'runs'}", f"run.name=n{n}"])
+        manifest = [real[i % 3] for i in range(n)]
+        payload = worker_payload(cfg, {**listing, "samples": manifest, "val_samples": manifest[:8]})
+        return payload, len(json.dumps(payload))
+
+    (small, small_bytes), (large, large_bytes) = payload_for(1_000), payload_for(100_000)
+    listed_bytes = len(json.dumps(real * 33_334))  # what the former payload held for 100k samples
+    print(f"worker payload: {small_bytes} bytes for 1,000 samples, {large_bytes} bytes for 100,000 "
+          f"(the list itself: {listed_bytes} bytes)")
+    assert "samples" not in large and "val_samples" not in large
+    assert large["train_shards"]["counts"] == [65536, 34464] and small["train_shards"]["counts"] == [1000]
+    url_bytes = len(json.dumps(large["train_shards"]["urls"][0]))
+    assert large_bytes <= small_bytes + url_bytes + 16 and listed_bytes > 100 * large_bytes
+
+    view = ShardedSamples(SampleShards.from_dict(large["train_shards"]))
+    assert len(view) == 100_000
+    for i in (0, 65_535, 65_536, 99_999):
+        assert (view[i].image, view[i].label) == tuple(real[i % 3])
+    stream = TrainSampleDataset(view, 4, AugmentConfig(min_sizes=(64,), crop_size=(64, 64), pad_size=64),
+                                rank=1, world_size=2, seed=0)
+    for position in (0, 49_999, 50_000):
+        assert stream[position]["image"].shape == (3, 64, 64)
 
 
 # ------------------------------------------------------------------------------------------------ slow
@@ -299,7 +329,7 @@ def test_ray_job_submit_trains_and_leaves_checkpoint_in_bucket(ray_head, s3, s3_
     proc = subprocess.run(cmd, env=ray_head.env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert "[train] iter 2/2" in out and "[train] done" in out
+    assert out.count("[train] iter 2/2 ") == 1 and out.count("[train] iter 1/2 ") == 1 and "[train] done" in out
     ckpts = [p for p in s3.fs.ls(storage.split("://", 1)[1] + "/submitted") if p.rsplit("/", 1)[-1].startswith("checkpoint_2")]
     assert len(ckpts) == 1
     assert s3.fs.exists(ckpts[0] + "/train_state.pt") and s3.fs.exists(ckpts[0] + "/meta.json")
