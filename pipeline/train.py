@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -45,6 +46,9 @@ from ebseg_core.config import CriterionConfig
 from ebseg_core.errors import UserError
 from ebseg_core.solver import PolyLR, SolverConfig, build_optimizer
 from ebseg_core.train_data import AugmentConfig, DatasetError, DatasetSpec, list_dataset, read_sample
+
+if TYPE_CHECKING:
+    from ebseg_core.model import EBSeg
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +337,7 @@ def train(cfg: TrainConfig, address: str | None = None, trainer: Callable[[dict]
         ray.init(address=address, log_to_driver=True)
     storage_path, storage_fs = _storage(cfg)
     run = cfg.run
-    trainer = TorchTrainer(
+    torch_trainer = TorchTrainer(
         train_loop_per_worker=functools.partial(_run_worker, trainer or Trainer),
         train_loop_config=payload,
         torch_config=TorchConfig(backend="nccl" if run.use_gpu else "gloo"),
@@ -354,7 +358,7 @@ def train(cfg: TrainConfig, address: str | None = None, trainer: Callable[[dict]
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
-    result = trainer.fit()
+    result = torch_trainer.fit()
     if result.error:
         raise result.error
     out = dict(result.metrics or {})
@@ -394,7 +398,7 @@ def label_command(cfg: TrainConfig, vocabulary_json: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # Checkpoint format (the one place that writes and reads it)
 # --------------------------------------------------------------------------------------------------
-def write_checkpoint(directory: str, model: torch.nn.Module, train_state: dict, meta: dict, metrics: dict) -> None:
+def write_checkpoint(directory: str, model: EBSeg, train_state: dict, meta: dict, metrics: dict) -> None:
     """One checkpoint directory: ``train_state.pt`` (to resume; plain tensors and values only, loaded with
     ``weights_only=True``), ``model.safetensors`` (the deliverable inference weights, ``meta`` in its
     header) and ``meta.json`` (``meta`` + its sha256 + the metrics at that iteration)."""
@@ -468,7 +472,7 @@ def model_config(mcfg: ModelConfig):
                                    beta=mcfg.inference_beta, gamma=mcfg.inference_gamma)
 
 
-def build_training_model(mcfg: ModelConfig) -> torch.nn.Module:
+def build_training_model(mcfg: ModelConfig) -> EBSeg:
     """The preset's model: from an EBSeg checkpoint (fine-tuning), or CLIP/SAM pretrained towers + a fresh head."""
     from ebseg_core import build_model, load_open_clip_weights, load_sam_weights
 
@@ -485,7 +489,7 @@ def build_training_model(mcfg: ModelConfig) -> torch.nn.Module:
 class TrainerParts:
     """What a worker trains with, built once by :meth:`Trainer.build`."""
 
-    model: torch.nn.Module  # EBSeg (the deliverable; its trainable part is what checkpoints hold)
+    model: EBSeg  # the deliverable; its trainable part is what train_state.pt holds
     loss: torch.nn.Module  # ebseg_core.criterion.TrainingLoss: model + criterion, the one loss entry point
     forward: torch.nn.Module  # ``loss``, wrapped in DistributedDataParallel when there is more than one worker
     optimizer: torch.optim.Optimizer
@@ -535,7 +539,7 @@ class Trainer:
         model = build_training_model(cfg.model).to(self.device)
         model.train()
         loss = TrainingLoss(model, self.vocab, cfg.criterion).to(self.device)
-        forward = loss
+        forward: torch.nn.Module = loss
         if self.world > 1:
             forward = torch.nn.parallel.DistributedDataParallel(
                 loss, device_ids=[self.device.index] if cfg.run.use_gpu else None, find_unused_parameters=False)

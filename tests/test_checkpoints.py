@@ -20,13 +20,19 @@ import torch
 from PIL import Image
 
 from ebseg_core import Vocabulary, build_model
-from ebseg_core.checkpoint import (WEIGHTS_FILE, CheckpointError, infer_preset, preset_shapes, resolve_checkpoint,
-                                   weight_shapes)
+from ebseg_core.checkpoint import (
+    WEIGHTS_FILE,
+    CheckpointError,
+    infer_preset,
+    preset_shapes,
+    resolve_checkpoint,
+    weight_shapes,
+)
+from ebseg_core.data.synthetic import blob_image, write_blob_images
 from jobs import segment
 from jobs.cli import module_main
 from pipeline.schema import decode_label_png
 from tests.helpers import REPO_ROOT
-from ebseg_core.data.synthetic import blob_image, write_blob_images
 
 CONFIG = str(REPO_ROOT / "configs" / "tiny_generic.yaml")
 CLASS_NAMES = "wall\nsky;heaven\ntree\ngrass\n"
@@ -317,8 +323,8 @@ def test_label_refuses_bad_checkpoints_in_one_line_before_anything_starts(tmp_pa
     any cluster could start (Ray starts only after planning)."""
     from PIL import Image
 
-    from pipeline.label import LabelConfig, LabelError, run_label
     from ebseg_core.data.synthetic import blob_image
+    from pipeline.label import LabelConfig, LabelError, run_label
 
     (tmp_path / "in").mkdir()
     Image.fromarray(blob_image(32, 32, seed=1, num_classes=2)[0]).save(tmp_path / "in" / "a.png")
