@@ -353,8 +353,7 @@ def train(cfg: TrainConfig, address: str | None = None, trainer: Callable[[dict]
             storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.num_to_keep),
-            # Ray Train's own INFO lines repeat every report's metrics (the whole loss history): our
-            # [train] lines say the same once.
+            # Ray Train's own INFO lines (worker group starts, checkpoint uploads): warnings and errors only.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
@@ -531,6 +530,7 @@ class Trainer:
         from ebseg_core.criterion import TrainingLoss
 
         cfg = self.cfg
+        _quiet_ray_train_reports()
         if cfg.run.use_gpu:
             torch.cuda.set_device(self.device)
         if cfg.model.text_cache_dir:
@@ -713,6 +713,17 @@ class Trainer:
                 # Through the logger, not print: Ray Train's print patch would show each line twice.
                 log.info("%s", _progress_line(metrics, max_iter))
             self.report(metrics, self.save(parts, metrics) if is_ckpt else None)
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train (2.60) logs every report's whole metrics dict at INFO, the loss history included, so the
+    log would grow with the square of the run length; its logger is named by its file path, out of reach
+    of ``LoggingConfig``. Our [train] lines say the same once per ``log_period``."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _run_worker(trainer: Callable[[dict], Trainer], payload: dict) -> None:

@@ -307,7 +307,8 @@ def test_two_node_training_on_s3_learns_and_resumes_exactly(two_nodes, s3, s3_pr
     # first report after the iteration-32 checkpoint).
     assert result["iteration"] == 128 and result["world_size"] == 2 and result["num_nodes"] == 2
     assert result["resumed_from"] == 32
-    assert (proc.stdout + proc.stderr).count("[train] iter 128/128 ") == 1  # each progress line once
+    # (Not counted here: both test nodes share one session log dir on this machine, so each node's log
+    # monitor forwards every worker line; the once-per-line check is in the single-node job tests.)
 
     # Checkpoints load as plain tensors and values (weights_only=True) and hold every worker's RNG state.
     ckpts = sorted(p for p in s3.fs.ls(storage.split("://", 1)[1] + "/two-node") if p.rsplit("/", 1)[-1].startswith("checkpoint_2"))
@@ -349,6 +350,7 @@ def test_ray_job_submit_trains_and_leaves_checkpoint_in_bucket(ray_head, s3, s3_
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert out.count("[train] iter 2/2 ") == 1 and out.count("[train] iter 1/2 ") == 1 and "[train] done" in out
+    assert "Reporting training result" not in out  # Ray Train's per-report lines (the whole metrics dict)
     ckpts = [p for p in s3.fs.ls(storage.split("://", 1)[1] + "/submitted") if p.rsplit("/", 1)[-1].startswith("checkpoint_2")]
     assert len(ckpts) == 1
     assert s3.fs.exists(ckpts[0] + "/train_state.pt") and s3.fs.exists(ckpts[0] + "/meta.json")
