@@ -163,6 +163,7 @@ def bench_preset(preset: str, args, norm, rates: dict) -> None:
 def train_tiny(steps: int, size: int, num_classes: int, seed: int = 0, device: str = "cpu"):
     """The tiny preset trained on blob images (each class one colour) until it labels them well."""
     from ebseg_core import Vocabulary, build_model, with_inference_settings
+    from ebseg_core.criterion import TrainingLoss
     from ebseg_core.data.synthetic import blob_image
 
     torch.manual_seed(seed)
@@ -171,6 +172,7 @@ def train_tiny(steps: int, size: int, num_classes: int, seed: int = 0, device: s
     vocab = Vocabulary.parse(",".join(f"class{i}" for i in range(num_classes))).with_seen([True] * num_classes)
     use_random_text_embeddings(model, vocab)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3, weight_decay=1e-4)
+    loss_module = TrainingLoss(model, vocab)
     model.train()
     for step in range(steps):
         images, targets = [], []
@@ -181,7 +183,7 @@ def train_tiny(steps: int, size: int, num_classes: int, seed: int = 0, device: s
             images.append(torch.from_numpy(rgb).permute(2, 0, 1))
             targets.append({"labels": torch.from_numpy(classes.astype(np.int64)),
                             "masks": torch.from_numpy(np.stack([label == c for c in classes])).float()})
-        losses = model.training_losses(torch.stack(images).float().to(device), targets, vocab)
+        losses = loss_module(torch.stack(images).float().to(device), targets)
         loss = sum(losses.values())
         opt.zero_grad()
         loss.backward()

@@ -29,7 +29,7 @@ __all__ = [
     "FixedPointCoords",
     "point_sample",
     "pad_target_masks",
-    "training_losses",
+    "TrainingLoss",
 ]
 
 log = logging.getLogger(__name__)
@@ -375,19 +375,24 @@ def pad_target_masks(targets: list[dict], size: tuple[int, int]) -> list[dict]:
     return out
 
 
-def training_losses(
-    model: nn.Module,
-    images: Tensor,
-    targets: list[dict],
-    vocab,
-    point_coords_provider: PointCoordsProvider | None = None,
-    config: CriterionConfig | None = None,
-) -> dict[str, Tensor]:
-    """Weighted training losses of ``model`` on uint8 images [B,3,H,W] with per-image targets."""
-    outputs = model.training_outputs(images, vocab)
-    num_classes = outputs["pred_logits"].shape[-1] - 1
-    criterion = EBSegCriterion(num_classes, config or model.config.criterion)
-    criterion = criterion.to(images.device)
-    targets = pad_target_masks(targets, tuple(images.shape[-2:]))
-    targets = [{"labels": t["labels"].to(images.device), "masks": t["masks"].to(images.device)} for t in targets]
-    return criterion(outputs, targets, point_coords_provider)
+class TrainingLoss(nn.Module):
+    """The one training entry point: model + criterion in one ``forward`` that returns the weighted losses.
+
+    One module, so DistributedDataParallel wraps the whole graph (training outputs, matching, losses);
+    the Ray Train job, the parity check and the benchmarks all call it. ``targets`` may be smaller than
+    the image batch: their masks are zero-padded bottom/right as the official code does.
+    """
+
+    def __init__(self, model: nn.Module, vocab, config: CriterionConfig | None = None):
+        super().__init__()
+        self.model = model
+        self.vocab = vocab
+        self.criterion = EBSegCriterion(len(vocab), config or model.config.criterion)
+
+    def forward(self, images: Tensor, targets: list[dict],
+                point_coords_provider: PointCoordsProvider | None = None) -> dict[str, Tensor]:
+        """Weighted loss terms (official keys; sum them for the total) of uint8 images [B,3,H,W]."""
+        outputs = self.model.training_outputs(images, self.vocab)
+        targets = pad_target_masks(targets, tuple(images.shape[-2:]))
+        targets = [{"labels": t["labels"].to(images.device), "masks": t["masks"].to(images.device)} for t in targets]
+        return self.criterion(outputs, targets, point_coords_provider)

@@ -368,10 +368,3 @@ class EBSeg(nn.Module):
         out["mask_embeds"] = dec.mask_embeds[-1]
         out["text_scoremap"] = self.ov_classifier.text_scoremap
         return out
-
-    def training_losses(self, images: torch.Tensor, targets: list[dict], vocab: Vocabulary,
-                        point_coords_provider=None) -> dict[str, torch.Tensor]:
-        """Weighted loss terms of the official recipe for one padded batch."""
-        from .criterion import training_losses
-
-        return training_losses(self, images, targets, vocab, point_coords_provider=point_coords_provider)

@@ -162,7 +162,7 @@ def run_model(fixture: Fixture, model: EBSeg | None = None) -> ModelRun:
 
 
 def _run_train(model: EBSeg, fixture: Fixture, run: ModelRun) -> None:
-    from .criterion import FixedPointCoords, training_losses
+    from .criterion import FixedPointCoords, TrainingLoss
 
     inputs = fixture.inputs
     n = sum(1 for k in inputs if re.fullmatch(r"train\.image\d+", k))
@@ -176,15 +176,15 @@ def _run_train(model: EBSeg, fixture: Fixture, run: ModelRun) -> None:
     targets = [{"labels": inputs[f"train.gt_classes{b}"], "masks": inputs[f"train.gt_masks{b}"]} for b in range(n)]
     model.train()
     try:
+        losses = TrainingLoss(model, fixture.vocab)
         fixed = FixedPointCoords(inputs["train.fixed_matcher_point_coords"],
                                  inputs["train.fixed_criterion_point_coords"])
         run.train_losses = {k: v.detach() for k, v in
-                            training_losses(model, images, targets, fixture.vocab, point_coords_provider=fixed).items()}
+                            losses(images, targets, point_coords_provider=fixed).items()}
         # Official random point sampling replayed with the fixture's seed: informational, because it
         # also depends on the order of every torch.rand call (the fixed-points run above is the check).
         torch.manual_seed(1234)
-        losses = training_losses(model, images, targets, fixture.vocab)
-        run.rng_total_loss = float(sum(v.detach() for v in losses.values()))
+        run.rng_total_loss = float(sum(v.detach() for v in losses(images, targets).values()))
     finally:
         model.eval()
 

@@ -23,10 +23,14 @@ counted (``TrainSampleDataset.bad_samples``), with a warning naming the file.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
+import json
 import logging
 import math
 import posixpath
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -52,6 +56,9 @@ __all__ = [
     "collate_train",
     "ignore_label_for",
     "shard_positions",
+    "SampleShards",
+    "write_sample_shards",
+    "ShardedSamples",
 ]
 
 log = logging.getLogger(__name__)
@@ -388,8 +395,125 @@ def shard_positions(num_samples: int, rank: int, world_size: int, position: int,
     if per_rank == 0:
         raise DatasetError(f"{num_samples} training samples cannot be split over {world_size} workers")
     epoch, offset = divmod(position, per_rank)
+    return int(_epoch_permutation(num_samples, seed, epoch)[rank * per_rank + offset])
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """One epoch's order, computed once per epoch instead of once per sample (O(N) each: millions of samples)."""
     perm = np.random.default_rng([seed, epoch]).permutation(num_samples)
-    return int(perm[rank * per_rank + offset])
+    perm.flags.writeable = False
+    return perm
+
+
+# --------------------------------------------------------------------------------------------------
+# Sample lists as Parquet shards (the driver writes them once; workers read them by position)
+# --------------------------------------------------------------------------------------------------
+SHARD_ROWS = 65536
+_SHARD_INDEX = "index.json"
+
+
+@dataclass(frozen=True)
+class SampleShards:
+    """Where a sample list lives: Parquet files of (image, label) rows, in list order, and their row counts.
+
+    This, not the list, is what a training driver sends its workers, so the payload does not grow with
+    the dataset (millions of samples).
+    """
+
+    urls: tuple[str, ...]
+    counts: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def to_dict(self) -> dict:
+        return {"urls": list(self.urls), "counts": list(self.counts)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SampleShards:
+        return cls(tuple(d["urls"]), tuple(int(c) for c in d["counts"]))
+
+
+def write_sample_shards(samples: Sequence[Sample], directory: str, rows_per_shard: int = SHARD_ROWS,
+                        storage_options: dict | None = None) -> SampleShards:
+    """Write ``samples`` as Parquet shards under ``directory/<digest of the list>/`` (local path or URL).
+
+    Content-addressed: the same list (a rerun or a resume of the same data) finds its shards already
+    there and reuses them; ``index.json`` is written last, so a half-written directory is rewritten.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    digest = hashlib.sha256()
+    for s in samples:
+        digest.update(f"{len(s.image)}:{s.image}{len(s.label)}:{s.label}".encode())
+    base = _join(directory, digest.hexdigest()[:24])
+    fs, base_path = _fs(base, storage_options)
+    index_path = _join(base_path, _SHARD_INDEX)
+    if fs.exists(index_path):
+        return SampleShards.from_dict(json.loads(fs.cat_file(index_path)))
+    fs.makedirs(base_path, exist_ok=True)
+    urls, counts = [], []
+    for k, start in enumerate(range(0, max(len(samples), 1), rows_per_shard)):
+        chunk = samples[start : start + rows_per_shard]
+        table = pa.table({"image": [s.image for s in chunk], "label": [s.label for s in chunk]})
+        name = f"part-{k:05d}.parquet"
+        with fs.open(_join(base_path, name), "wb") as f:
+            pq.write_table(table, f)
+        urls.append(_join(base, name))
+        counts.append(len(chunk))
+    shards = SampleShards(tuple(urls), tuple(counts))
+    with fs.open(index_path, "wb") as f:
+        f.write(json.dumps(shards.to_dict()).encode())
+    return shards
+
+
+class ShardedSamples(Sequence[Sample]):
+    """The samples of :class:`SampleShards` by position, each shard read from storage on first use.
+
+    Keeps the last ``cache_shards`` shards it read (Arrow string columns: ~100 bytes per sample).
+    Picklable (DataLoader workers start with an empty cache).
+    """
+
+    def __init__(self, shards: SampleShards, storage_options: dict | None = None, cache_shards: int = 64):
+        self.shards = shards
+        self.storage_options = storage_options or {}
+        self.cache_shards = max(1, cache_shards)
+        self._ends = np.cumsum(shards.counts)
+        self._cache: OrderedDict[int, tuple[list, list]] = OrderedDict()
+        self.shard_reads = 0
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": OrderedDict(), "shard_reads": 0}
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def __getitem__(self, i: int) -> Sample:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} of {len(self)}")
+        k = int(np.searchsorted(self._ends, i, side="right"))
+        images, labels = self._shard(k)
+        j = i - (int(self._ends[k - 1]) if k else 0)
+        return Sample(images[j].as_py(), labels[j].as_py())
+
+    def _shard(self, k: int):
+        if k in self._cache:
+            self._cache.move_to_end(k)
+            return self._cache[k]
+        import pyarrow.parquet as pq
+
+        url = self.shards.urls[k]
+        table = pq.read_table(io.BytesIO(_read_bytes(url, self.storage_options)))
+        if table.num_rows != self.shards.counts[k]:
+            raise DatasetError(f"sample list shard {url} has {table.num_rows} rows, expected {self.shards.counts[k]}"
+                               " (was the run directory changed?)")
+        self._cache[k] = (table.column("image"), table.column("label"))
+        self.shard_reads += 1
+        while len(self._cache) > self.cache_shards:
+            self._cache.popitem(last=False)
+        return self._cache[k]
 
 
 class TrainSampleDataset(torch.utils.data.Dataset):
@@ -411,7 +535,7 @@ class TrainSampleDataset(torch.utils.data.Dataset):
         storage_options: dict | None = None,
         reader: Callable[[Sample, int, dict | None], tuple[np.ndarray, np.ndarray]] | None = None,
     ):
-        self.samples = list(samples)
+        self.samples = samples  # a list, or ShardedSamples reading the driver's shards on demand
         # read_sample's signature; pipeline.label_source.LabelRowReader reads label-Parquet rows
         self.reader = reader or read_sample
         self.num_classes = num_classes

@@ -4,10 +4,12 @@ One call, :func:`train`, runs the whole job from the driver:
 
 * the driver lists the dataset once (local path or any fsspec URL) and checks it (structure, class
   names, the first samples), so data mistakes surface as one clear message before any worker starts;
-* each Ray Train worker builds the model, wraps its trainable part in DDP (gloo on CPU, nccl on GPU),
-  and reads its shard of an epoch-shuffled sample stream straight from storage (no local copy; the
-  stream is a pure function of the iteration, so a resumed run reads exactly what an uninterrupted
-  one would);
+  it writes the sample list as Parquet shards under ``<run dir>/samples/`` and sends the workers only
+  their URLs and row counts (the payload does not grow with the dataset);
+* each Ray Train worker is a :class:`Trainer` (build, resume, step, validate, save): it builds the model,
+  wraps the loss module in DDP (gloo on CPU, nccl on GPU), and reads its shard of an epoch-shuffled
+  sample stream straight from storage (no local copy; the stream is a pure function of the iteration,
+  so a resumed run reads exactly what an uninterrupted one would);
 * solver = the official recipe: AdamW, poly LR (power 0.9, optional linear warmup), full-model
   gradient-norm clipping, AMP (fp16 + GradScaler) on GPU, per-parameter weight decay groups;
 * every ``checkpoint_period`` iterations rank 0 writes a checkpoint through ``ray.train.report`` to
@@ -25,22 +27,28 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ebseg_core.checkpoint import META_FILE, TRAIN_STATE_FILE, WEIGHTS_FILE, CheckpointError, save_weights
 from ebseg_core.config import CriterionConfig
-from ebseg_core.train_data import AugmentConfig, DatasetError, DatasetSpec, list_dataset, read_sample
 from ebseg_core.errors import UserError
+from ebseg_core.solver import PolyLR, SolverConfig, build_optimizer
+from ebseg_core.train_data import AugmentConfig, DatasetError, DatasetSpec, list_dataset, read_sample
+
+if TYPE_CHECKING:
+    from ebseg_core.model import EBSeg
 
 log = logging.getLogger(__name__)
 
@@ -77,30 +85,6 @@ class DataConfig:
     skip_bad: bool = False  # skip unreadable / invalid samples (counted) instead of failing
     loader_workers: int = 0  # DataLoader worker processes per training worker
     preflight_samples: int = 4  # samples the driver decodes and checks before starting
-
-
-@dataclass
-class SolverConfig:
-    ims_per_batch: int = 16  # global batch size (split evenly over workers)
-    base_lr: float = 1e-4
-    weight_decay: float = 0.05
-    weight_decay_norm: float = 0.0
-    weight_decay_embed: float = 0.0
-    weight_decay_embed_names: tuple[str, ...] = (
-        "absolute_pos_embed",
-        "positional_embedding",
-        "pos_embed",
-        "query_embed",
-        "relative_position_bias_table",
-    )
-    backbone_multiplier: float = 1.0  # the official code scales every group's lr by this (see docs)
-    clip_multiplier: float = 1.0  # lr factor for parameters under a module whose name contains "clip"
-    max_iter: int = 120000
-    poly_power: float = 0.9
-    warmup_iters: int = 0
-    warmup_factor: float = 1.0
-    clip_grad_norm: float = 0.01  # full-model L2 norm clipping; <= 0 disables
-    amp: bool = True  # used on GPU only
 
 
 @dataclass
@@ -213,77 +197,6 @@ def _deep_update(dst: dict, src: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Solver pieces (pure PyTorch, usable without Ray)
-# --------------------------------------------------------------------------------------------------
-_NORM_TYPES = (
-    torch.nn.BatchNorm1d,
-    torch.nn.BatchNorm2d,
-    torch.nn.BatchNorm3d,
-    torch.nn.SyncBatchNorm,
-    torch.nn.GroupNorm,
-    torch.nn.InstanceNorm1d,
-    torch.nn.InstanceNorm2d,
-    torch.nn.InstanceNorm3d,
-    torch.nn.LayerNorm,
-    torch.nn.LocalResponseNorm,
-)
-
-
-def param_groups(model: torch.nn.Module, solver: SolverConfig) -> list[dict]:
-    """One group per trainable parameter with the official lr / weight-decay rules.
-
-    Norm layers and embedding-like parameters get their own decay; parameters of modules named
-    "*clip*" get ``clip_multiplier``; the official code applies ``backbone_multiplier`` to every
-    parameter (its condition is always true), kept here so the released recipes reproduce.
-    """
-    groups, seen = [], set()
-    for module_name, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            lr = solver.base_lr * solver.backbone_multiplier
-            wd = solver.weight_decay
-            if "clip" in module_name:
-                lr *= solver.clip_multiplier
-            if any(x in pname for x in solver.weight_decay_embed_names):
-                wd = solver.weight_decay_embed
-            if isinstance(module, _NORM_TYPES):
-                wd = solver.weight_decay_norm
-            if isinstance(module, torch.nn.Embedding):
-                wd = solver.weight_decay_embed
-            groups.append({"params": [p], "lr": lr, "weight_decay": wd, "name": f"{module_name}.{pname}".lstrip(".")})
-    return groups
-
-
-def build_optimizer(model: torch.nn.Module, solver: SolverConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, solver)
-    if not groups:
-        raise ConfigError("the model has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=solver.base_lr)
-
-
-def poly_lr_factor(iteration: int, solver: SolverConfig) -> float:
-    """Warmup (linear) x poly decay (1 - it/max_iter)^power, the official WarmupPolyLR."""
-    warm = 1.0
-    if iteration < solver.warmup_iters:
-        alpha = iteration / solver.warmup_iters
-        warm = solver.warmup_factor * (1 - alpha) + alpha
-    return warm * math.pow(max(0.0, 1.0 - iteration / solver.max_iter), solver.poly_power)
-
-
-class PolyLR(torch.optim.lr_scheduler.LambdaLR):
-    def __init__(self, optimizer: torch.optim.Optimizer, solver: SolverConfig):
-        self._solver = solver
-        super().__init__(optimizer, lambda it: poly_lr_factor(it, solver))
-
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd.pop("_solver", None)
-        return sd
-
-
-# --------------------------------------------------------------------------------------------------
 # Driver side
 # --------------------------------------------------------------------------------------------------
 def _vocabulary(cfg: TrainConfig, class_names: list[tuple[str, list[str]]] | None):
@@ -307,7 +220,10 @@ def _vocabulary(cfg: TrainConfig, class_names: list[tuple[str, list[str]]] | Non
 
 
 def prepare(cfg: TrainConfig) -> dict:
-    """Driver-side checks and listings; returns what every worker needs (JSON-serialisable)."""
+    """Driver-side checks and listings: the config, the sample lists, the vocabulary, the label reader.
+
+    The lists stay on the driver: :func:`worker_payload` writes them as shards that workers read.
+    """
     if not cfg.data.train:
         raise ConfigError("data.train is not set: give the training dataset root (local path or s3://...)")
     try:
@@ -359,6 +275,20 @@ def prepare(cfg: TrainConfig) -> dict:
     }
 
 
+def worker_payload(cfg: TrainConfig, listing: dict) -> dict:
+    """What every worker gets: ``listing`` with its sample lists replaced by Parquet shards written once
+    under ``<run dir>/samples/`` (local or object storage), so its size does not grow with the dataset."""
+    from ebseg_core.train_data import Sample, write_sample_shards
+
+    def shards(pairs: list) -> dict | None:
+        if not pairs:
+            return None
+        return write_sample_shards([Sample(*p) for p in pairs], f"{run_dir(cfg)}/samples").to_dict()
+
+    payload = {k: v for k, v in listing.items() if k not in ("samples", "val_samples")}
+    return {**payload, "train_shards": shards(listing["samples"]), "val_shards": shards(listing["val_samples"])}
+
+
 def _resolve_base_checkpoint(mcfg: ModelConfig) -> str | None:
     """The weights file that ``model.checkpoint`` names (a run dir, checkpoint dir or file; local or URL).
 
@@ -388,13 +318,18 @@ def _storage(cfg: TrainConfig):
     return p.rstrip("/"), pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-def train(cfg: TrainConfig, address: str | None = None) -> dict:
-    """Run (or resume) a training job on a Ray cluster; returns the last reported metrics."""
+def train(cfg: TrainConfig, address: str | None = None, trainer: Callable[[dict], Trainer] | None = None) -> dict:
+    """Run (or resume) a training job on a Ray cluster; returns the last reported metrics.
+
+    ``trainer`` builds each worker's :class:`Trainer` from the payload (default: :class:`Trainer`; a
+    subclass changes one part).
+    """
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    payload = prepare(cfg)
+    listing = prepare(cfg)
+    payload = worker_payload(cfg, listing)
     if not ray.is_initialized():
         # No credentials in the runtime env: Ray writes runtime envs in plain text to its logs. Cluster
         # nodes hold their own (instance roles, their environment); a local cluster started here inherits
@@ -402,8 +337,8 @@ def train(cfg: TrainConfig, address: str | None = None) -> dict:
         ray.init(address=address, log_to_driver=True)
     storage_path, storage_fs = _storage(cfg)
     run = cfg.run
-    trainer = TorchTrainer(
-        train_loop_per_worker=train_loop_per_worker,
+    torch_trainer = TorchTrainer(
+        train_loop_per_worker=functools.partial(_run_worker, trainer or Trainer),
         train_loop_config=payload,
         torch_config=TorchConfig(backend="nccl" if run.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -418,9 +353,11 @@ def train(cfg: TrainConfig, address: str | None = None) -> dict:
             storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.num_to_keep),
+            # Ray Train's own INFO lines (worker group starts, checkpoint uploads): warnings and errors only.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
-    result = trainer.fit()
+    result = torch_trainer.fit()
     if result.error:
         raise result.error
     out = dict(result.metrics or {})
@@ -458,40 +395,46 @@ def label_command(cfg: TrainConfig, vocabulary_json: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Worker side
+# Checkpoint format (the one place that writes and reads it)
 # --------------------------------------------------------------------------------------------------
-class _LossModule(torch.nn.Module):
-    """model + criterion in one forward, so DDP sees the whole graph."""
-
-    def __init__(self, model: torch.nn.Module, criterion: torch.nn.Module, vocab):
-        super().__init__()
-        self.model = model
-        self.criterion = criterion
-        self.vocab = vocab
-
-    def forward(self, images: torch.Tensor, targets: list[dict]) -> dict:
-        return self.criterion(self.model.training_outputs(images, self.vocab), targets)
+def write_checkpoint(directory: str, model: EBSeg, train_state: dict, meta: dict, metrics: dict) -> None:
+    """One checkpoint directory: ``train_state.pt`` (to resume; plain tensors and values only, loaded with
+    ``weights_only=True``), ``model.safetensors`` (the deliverable inference weights, ``meta`` in its
+    header) and ``meta.json`` (``meta`` + its sha256 + the metrics at that iteration)."""
+    torch.save(train_state, os.path.join(directory, TRAIN_STATE_FILE))
+    meta = {**meta, "weights_sha256": save_weights(os.path.join(directory, WEIGHTS_FILE), model, meta)}
+    with open(os.path.join(directory, META_FILE), "w") as f:
+        json.dump({**meta, "metrics": metrics}, f)
 
 
-def model_config(mcfg: ModelConfig):
-    """The preset's EBSegConfig with this run's validation-inference settings (ValueError if invalid)."""
-    from ebseg_core import preset_config, with_inference_settings
+def load_train_state(path: str) -> dict:
+    """A checkpoint's training state; refuses (CheckpointError, one line) anything but tensors and plain values."""
+    import pickle
 
-    return with_inference_settings(preset_config(mcfg.preset), mcfg.inference_size, alpha=mcfg.inference_alpha,
-                                   beta=mcfg.inference_beta, gamma=mcfg.inference_gamma)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()
+        hint = next((line.strip() for line in reason if "Unsupported global" in line), reason[0] if reason else "")
+        raise CheckpointError(
+            f"refusing to load {os.path.basename(path)}: it holds Python objects, not only tensors and plain "
+            f"values, and loading it could run code ({hint}). Was it written by this version? "
+            f"Delete that checkpoint directory to resume from an older one.") from None
 
 
-def build_training_model(mcfg: ModelConfig) -> torch.nn.Module:
-    """The preset's model: from an EBSeg checkpoint (fine-tuning), or CLIP/SAM pretrained towers + a fresh head."""
-    from ebseg_core import build_model, load_open_clip_weights, load_sam_weights
-
-    model = build_model(model_config(mcfg), checkpoint=mcfg.checkpoint)
-    if not mcfg.checkpoint:
-        if mcfg.clip_pretrained:
-            load_open_clip_weights(model, pretrained=mcfg.clip_pretrained)
-        if mcfg.sam_checkpoint:
-            load_sam_weights(model, mcfg.sam_checkpoint)
-    return model
+def weights_metadata(cfg: TrainConfig, vocabulary_json: str, iteration: int) -> dict:
+    """What inference needs besides the tensors: the settings validation used, the training classes."""
+    m = cfg.model
+    inference = {"size": m.inference_size, "alpha": m.inference_alpha, "beta": m.inference_beta,
+                 "gamma": m.inference_gamma}
+    return {
+        "format": 1,
+        "inference": {k: v for k, v in inference.items() if v is not None},
+        "vocabulary": vocabulary_json,
+        "iteration": iteration,
+        "run": cfg.run.name,
+        "base": {"checkpoint": m.checkpoint, "clip_pretrained": m.clip_pretrained, "sam_checkpoint": m.sam_checkpoint},
+    }
 
 
 def _rng_state() -> dict:
@@ -516,237 +459,290 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def load_train_state(path: str) -> dict:
-    """A checkpoint's training state; refuses (CheckpointError, one line) anything but tensors and plain values."""
-    import pickle
 
+# --------------------------------------------------------------------------------------------------
+# Worker side
+# --------------------------------------------------------------------------------------------------
+def model_config(mcfg: ModelConfig):
+    """The preset's EBSegConfig with this run's validation-inference settings (ValueError if invalid)."""
+    from ebseg_core import preset_config, with_inference_settings
+
+    return with_inference_settings(preset_config(mcfg.preset), mcfg.inference_size, alpha=mcfg.inference_alpha,
+                                   beta=mcfg.inference_beta, gamma=mcfg.inference_gamma)
+
+
+def build_training_model(mcfg: ModelConfig) -> EBSeg:
+    """The preset's model: from an EBSeg checkpoint (fine-tuning), or CLIP/SAM pretrained towers + a fresh head."""
+    from ebseg_core import build_model, load_open_clip_weights, load_sam_weights
+
+    model = build_model(model_config(mcfg), checkpoint=mcfg.checkpoint)
+    if not mcfg.checkpoint:
+        if mcfg.clip_pretrained:
+            load_open_clip_weights(model, pretrained=mcfg.clip_pretrained)
+        if mcfg.sam_checkpoint:
+            load_sam_weights(model, mcfg.sam_checkpoint)
+    return model
+
+
+@dataclass
+class TrainerParts:
+    """What a worker trains with, built once by :meth:`Trainer.build`."""
+
+    model: EBSeg  # the deliverable; its trainable part is what train_state.pt holds
+    loss: torch.nn.Module  # ebseg_core.criterion.TrainingLoss: model + criterion, the one loss entry point
+    forward: torch.nn.Module  # ``loss``, wrapped in DistributedDataParallel when there is more than one worker
+    optimizer: torch.optim.Optimizer
+    scheduler: PolyLR
+    scaler: torch.amp.GradScaler
+    trainable: list[torch.nn.Parameter]
+
+
+class Trainer:
+    """One Ray Train worker: :meth:`build` the parts, :meth:`resume` from Ray's checkpoint, then :meth:`run`
+    (:meth:`step` per iteration; :meth:`validate`, :meth:`save` and :meth:`report` every period).
+
+    ``train(cfg, trainer=...)`` accepts a subclass (or any callable payload -> Trainer); the tests
+    inject failures that way (tests/train_faults.py) instead of through the user's config.
+    """
+
+    def __init__(self, payload: dict):
+        import ray.train
+
+        from ebseg_core.train_data import SampleShards, ShardedSamples
+        from ebseg_core.vocabulary import Vocabulary
+
+        self.payload = payload
+        self.cfg = config_from_dict(payload["config"])
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = torch.device(f"cuda:{ctx.get_local_rank()}" if self.cfg.run.use_gpu else "cpu")
+        self.vocab = Vocabulary.from_json(payload["vocabulary"])
+        self.samples = ShardedSamples(SampleShards.from_dict(payload["train_shards"]))
+        val = ShardedSamples(SampleShards.from_dict(payload["val_shards"])) if payload["val_shards"] else []
+        self.val_samples = [val[i] for i in range(self.rank, len(val), self.world)]  # this worker's share
+        self.use_amp = self.cfg.solver.amp and self.cfg.run.use_gpu
+        self.iteration = 0
+        self.resumed_from: int | None = None
+        self.history: list[list] = []  # [iteration, mean loss since the previous report]
+
+    def build(self) -> TrainerParts:
+        """Model, loss module (DDP-wrapped over several workers), optimizer, scheduler, grad scaler."""
+        from ebseg_core.criterion import TrainingLoss
+
+        cfg = self.cfg
+        _quiet_ray_train_reports()
+        if cfg.run.use_gpu:
+            torch.cuda.set_device(self.device)
+        if cfg.model.text_cache_dir:
+            os.environ["EBSEG_CACHE_DIR"] = cfg.model.text_cache_dir
+        torch.manual_seed(cfg.run.seed + self.rank)
+        model = build_training_model(cfg.model).to(self.device)
+        model.train()
+        loss = TrainingLoss(model, self.vocab, cfg.criterion).to(self.device)
+        forward: torch.nn.Module = loss
+        if self.world > 1:
+            forward = torch.nn.parallel.DistributedDataParallel(
+                loss, device_ids=[self.device.index] if cfg.run.use_gpu else None, find_unused_parameters=False)
+        optimizer = build_optimizer(model, cfg.solver)
+        return TrainerParts(model, loss, forward, optimizer, PolyLR(optimizer, cfg.solver),
+                            torch.amp.GradScaler("cuda", enabled=self.use_amp),
+                            [p for p in model.parameters() if p.requires_grad])
+
+    def resume(self, parts: TrainerParts, state: dict) -> None:
+        """Continue exactly where ``state`` (a loaded train_state.pt) stopped: weights, solver, RNG, history."""
+        loaded = parts.model.load_state_dict(state["model"], strict=False)
+        if loaded.unexpected_keys:
+            raise CheckpointError(f"checkpoint has unexpected keys: {loaded.unexpected_keys[:5]}")
+        parts.model.weights_changed()
+        parts.optimizer.load_state_dict(state["optimizer"])
+        parts.scheduler.load_state_dict(state["scheduler"])
+        parts.scaler.load_state_dict(state["scaler"])
+        self.iteration = self.resumed_from = int(state["iteration"])
+        self.history = [list(h) for h in state.get("loss_history", [])]
+        _set_rng_state(state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0])
+        if self.rank == 0:
+            log.info("[train] resumed from iteration %d", self.iteration)
+
+    def step(self, parts: TrainerParts, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """One optimizer step on this worker's share of the batch; returns the weighted loss terms."""
+        images = images.to(self.device, non_blocking=True)
+        targets = [{"labels": t["labels"].to(self.device), "masks": t["masks"].to(self.device)} for t in targets]
+        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            losses = parts.forward(images, targets)
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"loss became {total.item()} at iteration {self.iteration}: {_terms(losses)}")
+        parts.optimizer.zero_grad(set_to_none=True)
+        parts.scaler.scale(total).backward()
+        parts.scaler.unscale_(parts.optimizer)
+        if self.cfg.solver.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(parts.trainable, self.cfg.solver.clip_grad_norm)
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        parts.scheduler.step()
+        self.iteration += 1
+        return losses
+
+    def validate(self, parts: TrainerParts) -> float:
+        """mIoU (fraction, detectron2's definition) of the validation set, sharded over the workers."""
+        from ebseg_core.evaluation import SemSegEvaluator
+        from ebseg_core.train_data import EvalSampleDataset, ignore_label_for
+
+        model = parts.model
+        model.eval()
+        evaluator = SemSegEvaluator(len(self.vocab), ignore_label_for(len(self.vocab)))
+        shard = EvalSampleDataset(self.val_samples, len(self.vocab))
+        with torch.no_grad():
+            for i in range(len(shard)):
+                image, label = shard[i]
+                evaluator.process(model.segment([image], self.vocab, batch_size=1)[0].label_map, label)
+        model.train()
+        matrix = torch.from_numpy(evaluator.matrix).to(self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(matrix)
+        evaluator.matrix = matrix.cpu().numpy()
+        return evaluator.compute()["mIoU"] / 100.0
+
+    def save(self, parts: TrainerParts, metrics: dict) -> str | None:
+        """Rank 0 writes a checkpoint directory (see :func:`write_checkpoint`) and returns it; every rank
+        contributes its RNG state, so a resume continues each worker's random stream."""
+        rng_states = [None] * self.world
+        if self.world > 1:
+            torch.distributed.all_gather_object(rng_states, _rng_state())
+        else:
+            rng_states = [_rng_state()]
+        if self.rank != 0:
+            return None
+        model = parts.model
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = {
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items() if k in trainable},
+            "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(),
+            "scaler": parts.scaler.state_dict(),
+            "iteration": self.iteration,
+            "rng": rng_states,
+            "config": self.payload["config"],
+            "vocabulary": self.payload["vocabulary"],
+            "loss_history": self.history,
+        }
+        directory = tempfile.mkdtemp(prefix="ebseg_ckpt_")
+        meta = weights_metadata(self.cfg, self.payload["vocabulary"], self.iteration)
+        write_checkpoint(directory, model, state, {**meta, "preset": self.cfg.model.preset}, metrics)
+        return directory
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        """Hand metrics (and rank 0's checkpoint) to Ray Train, which uploads it to ``run.storage_path``."""
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        try:
+            ray.train.report(metrics, checkpoint=checkpoint)
+        finally:
+            if checkpoint_dir:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+    def _loader(self) -> torch.utils.data.DataLoader:
+        """This worker's stream from the current iteration on (a pure function of the position)."""
+        from ebseg_core.train_data import TrainSampleDataset, collate_train
+        from pipeline.label_source import LabelRowReader
+
+        cfg, per_worker = self.cfg, self.cfg.solver.ims_per_batch // self.world
+        reader = self.payload.get("label_reader")
+        dataset = TrainSampleDataset(
+            self.samples, len(self.vocab), cfg.augment, rank=self.rank, world_size=self.world, seed=cfg.run.seed,
+            skip_bad=cfg.data.skip_bad, reader=LabelRowReader.from_dict(reader) if reader else None)
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=per_worker, sampler=range(self.iteration * per_worker, 2**62),
+            num_workers=cfg.data.loader_workers, collate_fn=collate_train,
+            persistent_workers=cfg.data.loader_workers > 0,
+            # Its own generator: creating the iterator draws a base seed, which from the global generator
+            # would shift the criterion's point sampling after a resume restored the global RNG state.
+            generator=torch.Generator().manual_seed(cfg.run.seed * 1000 + self.rank))
+
+    def _num_nodes(self) -> int:
+        import ray
+
+        if self.world == 1:
+            return 1
+        nodes = [None] * self.world
+        torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+        return len(set(nodes))
+
+    def run(self) -> None:
+        """Build, resume if Ray Train has a checkpoint, and train to ``solver.max_iter``."""
+        import ray.train
+
+        parts = self.build()
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                self.resume(parts, load_train_state(os.path.join(d, TRAIN_STATE_FILE)))
+        cfg, max_iter = self.cfg, self.cfg.solver.max_iter
+        num_nodes = self._num_nodes()
+        window, started, steps, bad_total = [], time.time(), 0, 0
+        batches = iter(self._loader())
+        while self.iteration < max_iter:
+            images, targets, bad = next(batches)
+            bad_total += bad
+            lr = parts.optimizer.param_groups[0]["lr"]
+            losses = self.step(parts, images, targets)
+            window.append(float(sum(losses.values()).detach().item()))
+            steps += 1
+            it = self.iteration
+            is_log = it % cfg.run.log_period == 0 or it == max_iter
+            is_ckpt = it % cfg.run.checkpoint_period == 0 or it == max_iter
+            is_val = bool(self.payload["val_shards"]) and (it % cfg.run.val_period == 0 or it == max_iter)
+            if not (is_log or is_ckpt or is_val):
+                continue
+            mean = torch.tensor([sum(window) / len(window)], device=self.device, dtype=torch.float64)
+            window = []
+            if self.world > 1:
+                torch.distributed.all_reduce(mean)
+            self.history.append([it, float(mean.item() / self.world)])
+            speed = steps / max(time.time() - started, 1e-9)
+            metrics = {
+                "iteration": it, "loss": self.history[-1][1],  # mean over the iterations since the last report
+                **_terms(losses), "lr": lr, "it_per_s": speed, "bad_samples": bad_total,
+                "resumed_from": -1 if self.resumed_from is None else self.resumed_from,
+                "num_nodes": num_nodes, "world_size": self.world, "loss_history": [list(h) for h in self.history],
+            }
+            if is_val:
+                metrics["val_miou"] = self.validate(parts)
+            if self.rank == 0 and is_log:
+                # Through the logger, not print: Ray Train's print patch would show each line twice.
+                log.info("%s", _progress_line(metrics, max_iter))
+            self.report(metrics, self.save(parts, metrics) if is_ckpt else None)
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train (2.60) logs every report's whole metrics dict at INFO, the loss history included, so the
+    log would grow with the square of the run length; its logger is named by its file path, out of reach
+    of ``LoggingConfig``. Our [train] lines say the same once per ``log_period``."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()
-        hint = next((line.strip() for line in reason if "Unsupported global" in line), reason[0] if reason else "")
-        raise CheckpointError(
-            f"refusing to load {os.path.basename(path)}: it holds Python objects, not only tensors and plain "
-            f"values, and loading it could run code ({hint}). Was it written by this version? "
-            f"Delete that checkpoint directory to resume from an older one.") from None
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def _run_worker(trainer: Callable[[dict], Trainer], payload: dict) -> None:
+    """Ray Train's per-worker entry point."""
+    trainer(payload).run()
+
+
+def _progress_line(m: dict, max_iter: int) -> str:
+    speed = m["it_per_s"]
+    extra = f" val mIoU {m['val_miou']:.4f}" if "val_miou" in m else ""
+    return (f"[train] iter {m['iteration']}/{max_iter} loss {m['loss']:.3f} "
+            f"(ce {m['loss_ce_all']:.3f} ce_clip {m['loss_ce_clip_all']:.3f} "
+            f"mask {m['loss_mask_all']:.3f} dice {m['loss_dice_all']:.3f} ssc {m['loss_ssc']:.3f}) "
+            f"lr {m['lr']:.2e} {speed:.2f} it/s ETA {_fmt_eta((max_iter - m['iteration']) / max(speed, 1e-9))}{extra}")
 
 
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def train_loop_per_worker(payload: dict) -> None:
-    """The per-worker loop (runs inside Ray Train)."""
-    import ray
-    import ray.train
-    import torch.distributed as dist
-    from ray.train import Checkpoint
-
-    from ebseg_core.criterion import EBSegCriterion
-    from ebseg_core.evaluation import SemSegEvaluator
-    from ebseg_core.train_data import EvalSampleDataset, Sample, TrainSampleDataset, collate_train, ignore_label_for
-    from ebseg_core.vocabulary import Vocabulary
-
-    cfg = config_from_dict(payload["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device(f"cuda:{ctx.get_local_rank()}" if cfg.run.use_gpu else "cpu")
-    if cfg.run.use_gpu:
-        torch.cuda.set_device(device)
-    if cfg.model.text_cache_dir:
-        os.environ["EBSEG_CACHE_DIR"] = cfg.model.text_cache_dir
-    vocab = Vocabulary.from_json(payload["vocabulary"])
-    torch.manual_seed(cfg.run.seed + rank)
-
-    model = build_training_model(cfg.model).to(device)
-    model.train()
-    criterion = EBSegCriterion(len(vocab), cfg.criterion).to(device)
-    module = _LossModule(model, criterion, vocab)
-    optimizer = build_optimizer(model, cfg.solver)
-    scheduler = PolyLR(optimizer, cfg.solver)
-    use_amp = cfg.solver.amp and cfg.run.use_gpu
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    start_iter, resumed_from, history = 0, None, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = load_train_state(os.path.join(d, TRAIN_STATE_FILE))
-        missing = model.load_state_dict(state["model"], strict=False)
-        if missing.unexpected_keys:
-            raise RuntimeError(f"checkpoint has unexpected keys: {missing.unexpected_keys[:5]}")
-        model.weights_changed()
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_iter = resumed_from = int(state["iteration"])
-        history = list(state.get("loss_history", []))
-        rng = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
-        _set_rng_state(rng)
-        if rank == 0:
-            print(f"[train] resumed from iteration {start_iter}", flush=True)
-
-    ddp = module
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            module, device_ids=[device.index] if cfg.run.use_gpu else None, find_unused_parameters=False
-        )
-
-    samples = [Sample(*s) for s in payload["samples"]]
-    per_worker = cfg.solver.ims_per_batch // world
-    reader = None
-    if payload.get("label_reader"):
-        from pipeline.label_source import LabelRowReader
-
-        reader = LabelRowReader.from_dict(payload["label_reader"])
-    dataset = TrainSampleDataset(
-        samples, len(vocab), cfg.augment, rank=rank, world_size=world, seed=cfg.run.seed, skip_bad=cfg.data.skip_bad,
-        reader=reader,
-    )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=per_worker,
-        sampler=range(start_iter * per_worker, 2**62),
-        num_workers=cfg.data.loader_workers,
-        collate_fn=collate_train,
-        persistent_workers=cfg.data.loader_workers > 0,
-        # Its own generator: creating the iterator draws a base seed, which from the global generator
-        # would shift the criterion's point sampling after a resume restored the global RNG state.
-        generator=torch.Generator().manual_seed(cfg.run.seed * 1000 + rank),
-    )
-    val_samples = [Sample(*s) for s in payload["val_samples"]]
-
-    def validate() -> float:
-        """mIoU (fraction, detectron2's definition) of the validation set, sharded over the workers."""
-        model.eval()
-        evaluator = SemSegEvaluator(len(vocab), ignore_label_for(len(vocab)))
-        shard = EvalSampleDataset(val_samples[rank::world], len(vocab))
-        with torch.no_grad():
-            for i in range(len(shard)):
-                image, label = shard[i]
-                evaluator.process(model.segment([image], vocab, batch_size=1)[0].label_map, label)
-        model.train()
-        t = torch.from_numpy(evaluator.matrix).to(device)
-        if world > 1:
-            dist.all_reduce(t)
-        evaluator.matrix = t.cpu().numpy()
-        return evaluator.compute()["mIoU"] / 100.0
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    nodes = [None] * world
-    if world > 1:
-        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    num_nodes = len(set(nodes)) if world > 1 else 1
-    window = []
-    max_iter = cfg.solver.max_iter
-    t0, it_done, bad_total = time.time(), 0, 0
-    data_iter = iter(loader)
-    iteration = start_iter
-    while iteration < max_iter:
-        images, targets, bad = next(data_iter)
-        bad_total += bad
-        images = images.to(device, non_blocking=True)
-        targets = [{"labels": t["labels"].to(device), "masks": t["masks"].to(device)} for t in targets]
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-            losses = ddp(images, targets)
-        total = sum(losses.values())
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"loss became {total.item()} at iteration {iteration}: {_terms(losses)}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.unscale_(optimizer)
-        if cfg.solver.clip_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.solver.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        lr = optimizer.param_groups[0]["lr"]
-        window.append(float(total.detach().item()))
-        scheduler.step()
-        iteration += 1
-        it_done += 1
-
-        is_log = iteration % cfg.run.log_period == 0 or iteration == max_iter
-        is_ckpt = iteration % cfg.run.checkpoint_period == 0 or iteration == max_iter
-        is_val = bool(val_samples) and (iteration % cfg.run.val_period == 0 or iteration == max_iter)
-        if not (is_log or is_ckpt or is_val):
-            continue
-        terms = _terms(losses)
-        total_t = torch.tensor([sum(window) / len(window)], device=device, dtype=torch.float64)
-        window = []
-        if world > 1:
-            dist.all_reduce(total_t)
-        history.append([iteration, float(total_t.item() / world)])
-        elapsed = time.time() - t0
-        speed = it_done / max(elapsed, 1e-9)
-        metrics = {
-            "iteration": iteration,
-            "loss": float(total_t.item() / world),  # mean over the iterations since the last report
-            **terms,
-            "lr": lr,
-            "it_per_s": speed,
-            "bad_samples": bad_total,
-            "resumed_from": -1 if resumed_from is None else resumed_from,
-            "num_nodes": num_nodes,
-            "world_size": world,
-            "loss_history": [list(h) for h in history],
-        }
-        if is_val:
-            metrics["val_miou"] = validate()
-        if rank == 0 and is_log:
-            extra = f" val mIoU {metrics['val_miou']:.4f}" if "val_miou" in metrics else ""
-            print(
-                f"[train] iter {iteration}/{max_iter} loss {metrics['loss']:.3f} "
-                f"(ce {terms['loss_ce_all']:.3f} ce_clip {terms['loss_ce_clip_all']:.3f} "
-                f"mask {terms['loss_mask_all']:.3f} dice {terms['loss_dice_all']:.3f} ssc {terms['loss_ssc']:.3f}) "
-                f"lr {lr:.2e} {speed:.2f} it/s ETA {_fmt_eta((max_iter - iteration) / max(speed, 1e-9))}{extra}",
-                flush=True,
-            )
-        checkpoint = None
-        rng_states = [None] * world
-        if is_ckpt:
-            if world > 1:
-                dist.all_gather_object(rng_states, _rng_state())
-            else:
-                rng_states = [_rng_state()]
-        if is_ckpt and rank == 0:
-            tmp = tempfile.mkdtemp(prefix="ebseg_ckpt_")
-            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-            state = {
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items() if k in trainable},
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "iteration": iteration,
-                "rng": rng_states,
-                "config": payload["config"],
-                "vocabulary": payload["vocabulary"],
-                "loss_history": history,
-            }
-            torch.save(state, os.path.join(tmp, TRAIN_STATE_FILE))
-            meta = weights_metadata(cfg, payload["vocabulary"], iteration)
-            meta["weights_sha256"] = save_weights(os.path.join(tmp, WEIGHTS_FILE), model, meta)
-            with open(os.path.join(tmp, META_FILE), "w") as f:
-                json.dump({**meta, "preset": cfg.model.preset, "metrics": metrics}, f)
-            checkpoint = Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
-        if checkpoint is not None:
-            shutil.rmtree(checkpoint.path, ignore_errors=True)
-
-
-def weights_metadata(cfg: TrainConfig, vocabulary_json: str, iteration: int) -> dict:
-    """What inference needs besides the tensors: the settings validation used, the training classes."""
-    m = cfg.model
-    inference = {"size": m.inference_size, "alpha": m.inference_alpha, "beta": m.inference_beta,
-                 "gamma": m.inference_gamma}
-    return {
-        "format": 1,
-        "inference": {k: v for k, v in inference.items() if v is not None},
-        "vocabulary": vocabulary_json,
-        "iteration": iteration,
-        "run": cfg.run.name,
-        "base": {"checkpoint": m.checkpoint, "clip_pretrained": m.clip_pretrained, "sam_checkpoint": m.sam_checkpoint},
-    }
 
 
 def _terms(losses: dict) -> dict:

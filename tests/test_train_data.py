@@ -12,6 +12,8 @@ from ebseg_core.train_data import (
     AugmentConfig,
     DatasetError,
     DatasetSpec,
+    Sample,
+    ShardedSamples,
     TrainSampleDataset,
     augment,
     collate_train,
@@ -20,6 +22,7 @@ from ebseg_core.train_data import (
     read_class_names,
     read_sample,
     shard_positions,
+    write_sample_shards,
     _hsv_cv_to_rgb,
     _rgb_to_hsv_cv,
 )
@@ -214,3 +217,33 @@ def test_training_job_takes_the_prompt_of_a_prompt_bar_synonyms_class_file(tmp_p
     vocab = Vocabulary.from_json(prepare(cfg)["vocabulary"])
     assert vocab.names == ["road, route", "sky", "tree", "grass"]
     assert vocab.synonyms[0] == ("road", "route") and vocab.synonyms[1] == ("sky", "clouds")
+
+
+def test_sample_shards_give_back_the_list_in_order_and_are_written_once(tmp_path):
+    samples = [Sample(f"s3://b/images/{i:05d}.jpg", f"s3://b/labels/{i:05d}.png") for i in range(1000)]
+    shards = write_sample_shards(samples, str(tmp_path / "samples"), rows_per_shard=300)
+    assert shards.counts == (300, 300, 300, 100) and len(shards) == 1000
+    view = ShardedSamples(shards, cache_shards=2)
+    assert [view[i] for i in range(1000)] == samples
+    assert view[999] == samples[999] and view.shard_reads == 4
+    with pytest.raises(IndexError):
+        view[1000]
+    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.parquet")}
+    assert write_sample_shards(samples, str(tmp_path / "samples"), rows_per_shard=300) == shards  # reused
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.parquet")} == mtimes
+    other = write_sample_shards(samples[::-1], str(tmp_path / "samples"), rows_per_shard=300)
+    assert other.urls[0] != shards.urls[0] and ShardedSamples(other)[0] == samples[-1]  # another list, other files
+
+
+def test_sharded_samples_feed_the_same_stream_as_the_list(tmp_path):
+    write_blob_images(tmp_path / "d", 7, sizes=((48, 64),), num_classes=3)
+    (tmp_path / "d" / "class_names.txt").write_text("a\nb\nc\n")
+    samples, _ = list_dataset(DatasetSpec(str(tmp_path / "d")))
+    view = ShardedSamples(write_sample_shards(samples, str(tmp_path / "samples"), rows_per_shard=3))
+    cfg = AugmentConfig(min_sizes=(48,), crop_size=(32, 32), pad_size=64)
+    for rank in (0, 1):
+        a = TrainSampleDataset(samples, 3, cfg, rank=rank, world_size=2, seed=5)
+        b = TrainSampleDataset(view, 3, cfg, rank=rank, world_size=2, seed=5)
+        for position in (0, 2, 3, 11):
+            assert torch.equal(a[position]["image"], b[position]["image"])
+            assert torch.equal(a[position]["label"], b[position]["label"])

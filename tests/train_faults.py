@@ -1,10 +1,10 @@
 """TEST ONLY: make a training run fail once, from outside the training code.
 
-``fail_once_after(payload, iteration=N)`` is a Ray Train loop that runs the real
-``pipeline.train.train_loop_per_worker`` and raises at the first report after iteration N, on the
-first attempt only (no checkpoint to resume from yet). Tests put it in place of the real loop:
+:class:`FailOnceTrainer` is the real ``pipeline.train.Trainer`` except that its report after iteration
+``fail_after`` raises, on the first attempt only (an attempt that resumed from a checkpoint runs
+normally). Tests install it through ``train``'s ``trainer`` argument:
 
-* in-process: ``monkeypatch.setattr(pipeline.train, "train_loop_per_worker", partial(fail_once_after, iteration=N))``;
+* in-process: ``train(cfg, trainer=functools.partial(FailOnceTrainer, fail_after=N))``;
 * as a job: ``python -m tests.train_faults --fail-after N <jobs.train arguments>`` (needs the repository on the
   cluster's PYTHONPATH, as the test clusters have).
 """
@@ -14,27 +14,18 @@ from __future__ import annotations
 import functools
 import sys
 
+from pipeline.train import Trainer
 
-def fail_once_after(payload: dict, *, iteration: int) -> None:
-    import ray.train
 
-    from pipeline import train as training
+class FailOnceTrainer(Trainer):
+    def __init__(self, payload: dict, *, fail_after: int):
+        super().__init__(payload)
+        self.fail_after = fail_after
 
-    if ray.train.get_checkpoint() is not None:  # a restarted attempt: run normally
-        training.train_loop_per_worker(payload)
-        return
-    real_report = ray.train.report
-
-    def report(metrics: dict, *args, **kwargs):
-        if metrics["iteration"] > iteration:
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        if self.resumed_from is None and metrics["iteration"] > self.fail_after:
             raise RuntimeError(f"injected failure at iteration {metrics['iteration']} (tests/train_faults.py)")
-        return real_report(metrics, *args, **kwargs)
-
-    ray.train.report = report
-    try:
-        training.train_loop_per_worker(payload)
-    finally:
-        ray.train.report = real_report
+        super().report(metrics, checkpoint_dir)
 
 
 def main(argv: list[str]) -> int:
@@ -45,7 +36,8 @@ def main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[0] != "--fail-after":
         print("usage: python -m tests.train_faults --fail-after N <jobs.train arguments>", file=sys.stderr)
         return 2
-    training.train_loop_per_worker = functools.partial(fail_once_after, iteration=int(argv[1]))
+    trainer = functools.partial(FailOnceTrainer, fail_after=int(argv[1]))
+    training.train = functools.partial(training.train, trainer=trainer)  # jobs.train looks it up at run time
     return module_main(job, argv[2:])
 
 
