@@ -38,8 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+
 from .errors import UserError
-from .storage import filesystem_for, join, read_bytes, url_for
+from .storage import exists, filesystem_for, join, read_bytes, url_for, write_bytes_atomic
 
 __all__ = [
     "AugmentConfig",
@@ -448,24 +449,19 @@ def write_sample_shards(samples: Sequence[Sample], directory: str, rows_per_shar
     digest = hashlib.sha256()
     for s in samples:
         digest.update(f"{len(s.image)}:{s.image}{len(s.label)}:{s.label}".encode())
-    base = _join(directory, digest.hexdigest()[:24])
-    fs, base_path = _fs(base, storage_options)
-    index_path = _join(base_path, _SHARD_INDEX)
-    if fs.exists(index_path):
-        return SampleShards.from_dict(json.loads(fs.cat_file(index_path)))
-    fs.makedirs(base_path, exist_ok=True)
+    base = join(directory, digest.hexdigest()[:24])
+    index_url = join(base, _SHARD_INDEX)
+    if exists(index_url, storage_options):
+        return SampleShards.from_dict(json.loads(read_bytes(index_url, storage_options)))
     urls, counts = [], []
     for k, start in enumerate(range(0, max(len(samples), 1), rows_per_shard)):
         chunk = samples[start : start + rows_per_shard]
-        table = pa.table({"image": [s.image for s in chunk], "label": [s.label for s in chunk]})
-        name = f"part-{k:05d}.parquet"
-        with fs.open(_join(base_path, name), "wb") as f:
-            pq.write_table(table, f)
-        urls.append(_join(base, name))
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"image": [s.image for s in chunk], "label": [s.label for s in chunk]}), buf)
+        urls.append(write_bytes_atomic(join(base, f"part-{k:05d}.parquet"), buf.getvalue(), storage_options))
         counts.append(len(chunk))
     shards = SampleShards(tuple(urls), tuple(counts))
-    with fs.open(index_path, "wb") as f:
-        f.write(json.dumps(shards.to_dict()).encode())
+    write_bytes_atomic(index_url, json.dumps(shards.to_dict()).encode(), storage_options)
     return shards
 
 
@@ -505,7 +501,7 @@ class ShardedSamples(Sequence[Sample]):
         import pyarrow.parquet as pq
 
         url = self.shards.urls[k]
-        table = pq.read_table(io.BytesIO(_read_bytes(url, self.storage_options)))
+        table = pq.read_table(io.BytesIO(read_bytes(url, self.storage_options)))
         if table.num_rows != self.shards.counts[k]:
             raise DatasetError(f"sample list shard {url} has {table.num_rows} rows, expected {self.shards.counts[k]}"
                                " (was the run directory changed?)")
