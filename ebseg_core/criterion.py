@@ -23,7 +23,7 @@ from .config import CriterionConfig
 __all__ = [
     "CriterionConfig",
     "EBSegCriterion",
-    "HungarianMatcher",
+    "QueryTargetMatcher",
     "PointCoordsProvider",
     "RandomPointCoords",
     "FixedPointCoords",
@@ -139,7 +139,7 @@ def _dice_loss(logits: Tensor, targets: Tensor, num_masks: float) -> Tensor:
     return loss.sum() / num_masks
 
 
-class HungarianMatcher(nn.Module):
+class QueryTargetMatcher(nn.Module):
     """One-to-one assignment of queries to ground-truth masks (scipy ``linear_sum_assignment``).
 
     Cost = class_weight * (-softmax prob of the target class) + mask_weight * BCE + dice_weight * dice,
@@ -237,7 +237,7 @@ class EBSegCriterion(nn.Module):
         self.num_classes = num_classes
         self.config = config or CriterionConfig()
         c = self.config
-        self.matcher = HungarianMatcher(c.class_weight, c.mask_weight, c.dice_weight, c.matcher_num_points)
+        self.matcher = QueryTargetMatcher(c.class_weight, c.mask_weight, c.dice_weight, c.matcher_num_points)
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = c.no_object_weight
         self.register_buffer("empty_weight", empty_weight, persistent=False)

@@ -9,7 +9,7 @@ from ebseg_core.criterion import (
     CriterionConfig,
     EBSegCriterion,
     FixedPointCoords,
-    HungarianMatcher,
+    QueryTargetMatcher,
     RandomPointCoords,
     official_weight_dict,
     pad_target_masks,
@@ -63,7 +63,7 @@ def test_matcher_is_optimal_against_brute_force():
     tgt = [{"labels": torch.tensor([0, 2, 3]), "masks": torch.rand(k, 8, 8) > 0.5}]
     pts = torch.rand(1, 64, 2)
     provider = FixedPointCoords(pts, torch.rand(64, 2))
-    matcher = HungarianMatcher(2.0, 5.0, 5.0, 64)
+    matcher = QueryTargetMatcher(2.0, 5.0, 5.0, 64)
     rows, cols = matcher(out, tgt, points=provider)[0]
     # Recompute the cost matrix independently and check the assignment minimises it.
     prob = out["pred_logits"][0].softmax(-1)[:, tgt[0]["labels"]]
