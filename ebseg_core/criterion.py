@@ -10,7 +10,7 @@ so that with the same seed the same points are sampled. The parity fixture
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -19,6 +19,10 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from .config import CriterionConfig
+
+if TYPE_CHECKING:
+    from .model import EBSeg
+    from .vocabulary import Vocabulary
 
 __all__ = [
     "CriterionConfig",
@@ -186,9 +190,8 @@ class QueryTargetMatcher(nn.Module):
                     "lower the learning rate or check the inputs"
                 )
             rows, cols = linear_sum_assignment(cost.numpy())
-            indices.append(
-                (torch.as_tensor(np.asarray(rows), dtype=torch.int64), torch.as_tensor(np.asarray(cols), dtype=torch.int64))
-            )
+            indices.append((torch.as_tensor(np.asarray(rows), dtype=torch.int64),
+                            torch.as_tensor(np.asarray(cols), dtype=torch.int64)))
         return indices
 
 
@@ -232,6 +235,8 @@ class EBSegCriterion(nn.Module):
     ``forward`` returns the WEIGHTED loss terms under the official keys; sum them for the total.
     """
 
+    empty_weight: Tensor  # buffer: CE weight of each class, the last one (no object) down-weighted
+
     def __init__(self, num_classes: int, config: CriterionConfig | None = None):
         super().__init__()
         self.num_classes = num_classes
@@ -257,7 +262,8 @@ class EBSegCriterion(nn.Module):
         return losses
 
     def _mask_losses(
-        self, outputs: dict, targets: list[dict], indices: Indices, num_masks: float, layer: int, points: PointCoordsProvider
+        self, outputs: dict, targets: list[dict], indices: Indices, num_masks: float, layer: int,
+        points: PointCoordsProvider,
     ) -> dict[str, Tensor]:
         src_masks = outputs["pred_masks"][_src_permutation(indices)]
         tb, tt = _tgt_permutation(indices)
@@ -288,7 +294,7 @@ class EBSegCriterion(nn.Module):
             affinity = emb @ emb.t()
             text = text_scoremap.index_select(0, labels).index_select(1, labels)
             per_image.append(F.mse_loss(affinity, text.to(affinity.dtype)))
-        loss = sum(per_image) / len(per_image)
+        loss = sum(per_image[1:], per_image[0]) / len(per_image)  # one per image: never empty
         if torch.isnan(loss).any():
             log.info("NaN SSC loss in this batch (an image without matched targets?); using 0")
             return torch.zeros((), dtype=torch.float32, device=mask_embeds.device, requires_grad=True)
@@ -327,7 +333,8 @@ class EBSegCriterion(nn.Module):
         if self.config.ssc_loss:
             if "mask_embeds" not in outputs or "text_scoremap" not in outputs:
                 raise KeyError("SSC loss needs outputs['mask_embeds'] and outputs['text_scoremap']")
-            losses["mse_ssc_loss_1"] = self.ssc_loss(outputs["mask_embeds"], targets, indices_final, outputs["text_scoremap"])
+            losses["mse_ssc_loss_1"] = self.ssc_loss(
+                outputs["mask_embeds"], targets, indices_final, outputs["text_scoremap"])
         return losses, all_indices
 
     def weight_dict(self, num_aux: int) -> dict[str, float]:
@@ -383,7 +390,7 @@ class TrainingLoss(nn.Module):
     the image batch: their masks are zero-padded bottom/right as the official code does.
     """
 
-    def __init__(self, model: nn.Module, vocab, config: CriterionConfig | None = None):
+    def __init__(self, model: EBSeg, vocab: Vocabulary, config: CriterionConfig | None = None):
         super().__init__()
         self.model = model
         self.vocab = vocab
@@ -393,6 +400,6 @@ class TrainingLoss(nn.Module):
                 point_coords_provider: PointCoordsProvider | None = None) -> dict[str, Tensor]:
         """Weighted loss terms (official keys; sum them for the total) of uint8 images [B,3,H,W]."""
         outputs = self.model.training_outputs(images, self.vocab)
-        targets = pad_target_masks(targets, tuple(images.shape[-2:]))
+        targets = pad_target_masks(targets, (images.shape[-2], images.shape[-1]))
         targets = [{"labels": t["labels"].to(images.device), "masks": t["masks"].to(images.device)} for t in targets]
         return self.criterion(outputs, targets, point_coords_provider)

@@ -33,6 +33,7 @@ import posixpath
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 import numpy as np
 import torch
@@ -85,7 +86,7 @@ class AugmentConfig:
 
     min_sizes: tuple[int, ...] = tuple(int(x * 0.1 * 640) for x in range(5, 16))  # 320..960 step 64
     max_size: int = 2560
-    crop_size: tuple[int, int] = (640, 640)  # (h, w); crop disabled when None
+    crop_size: tuple[int, int] = (640, 640)  # (h, w)
     crop_enabled: bool = True
     single_category_max_area: float = 1.0
     color_aug: bool = True
@@ -95,7 +96,9 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         self.min_sizes = tuple(int(s) for s in self.min_sizes)
-        self.crop_size = tuple(int(s) for s in self.crop_size)
+        if len(self.crop_size) != 2:
+            raise UserError(f"crop_size must be (height, width), got {self.crop_size}")
+        self.crop_size = (int(self.crop_size[0]), int(self.crop_size[1]))
         if not self.min_sizes or min(self.min_sizes) < 1:
             raise UserError(f"min_sizes must be positive sizes, got {self.min_sizes}")
         if self.crop_enabled and max(self.crop_size) > self.pad_size:
@@ -196,12 +199,13 @@ def key_hint(path: str) -> str:
     return posixpath.splitext(posixpath.basename(path))[0]
 
 
-def read_sample(sample: Sample, num_classes: int | None, storage_options: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_sample(
+    sample: Sample, num_classes: int | None, storage_options: dict | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Decode one sample: RGB uint8 [H,W,3] and label int64 [H,W]; DatasetError names the bad file."""
     try:
         with Image.open(io.BytesIO(read_bytes(sample.image, storage_options))) as im:
-            im = ImageOps.exif_transpose(im)
-            image = np.asarray(im.convert("RGB"))
+            image = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     except DatasetError:
         raise
     except Exception as e:  # noqa: BLE001 - any decoder failure is a data problem of this file
@@ -247,7 +251,7 @@ def _resize_shortest_edge(image: np.ndarray, label: np.ndarray, cfg: AugmentConf
     newh, neww = int(newh + 0.5), int(neww + 0.5)
     if (newh, neww) == (h, w):
         return image, label
-    image = np.asarray(Image.fromarray(image).resize((neww, newh), Image.BILINEAR))
+    image = np.asarray(Image.fromarray(image).resize((neww, newh), Image.Resampling.BILINEAR))
     lab = torch.from_numpy(label.astype(np.float64))[None, None]
     label = F.interpolate(lab, size=(newh, neww), mode="nearest")[0, 0].numpy().astype(np.int64)
     return image, label
@@ -282,7 +286,8 @@ def _rgb_to_hsv_cv(img: np.ndarray) -> np.ndarray:
     d = v - mn
     s = np.where(v > 0, d * 255.0 / np.maximum(v, 1e-6), 0.0)
     dd = np.maximum(d, 1e-6)
-    h = np.where(v == r, 60.0 * (g - b) / dd, np.where(v == g, 120.0 + 60.0 * (b - r) / dd, 240.0 + 60.0 * (r - g) / dd))
+    h_not_r = np.where(v == g, 120.0 + 60.0 * (b - r) / dd, 240.0 + 60.0 * (r - g) / dd)
+    h = np.where(v == r, 60.0 * (g - b) / dd, h_not_r)
     h = np.where(d == 0, 0.0, h)
     h = np.where(h < 0, h + 360.0, h)
     out = np.stack([np.round(h / 2.0) % 180, np.round(s), np.round(v)], -1)
@@ -486,7 +491,15 @@ class ShardedSamples(Sequence[Sample]):
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0
 
-    def __getitem__(self, i: int) -> Sample:
+    @overload
+    def __getitem__(self, i: int) -> Sample: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Sample]: ...
+
+    def __getitem__(self, i: int | slice) -> Sample | list[Sample]:
+        if isinstance(i, slice):  # Sequence promises slices too
+            return [self[j] for j in range(*i.indices(len(self)))]
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} of {len(self)}")
         k = int(np.searchsorted(self._ends, i, side="right"))

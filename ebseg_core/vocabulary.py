@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ class Vocabulary:
     source: str = "custom"
     prompts: tuple[str, ...] | None = None  # the name formatted into the templates; None: first synonyms
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.prompts is not None:
             if len(self.prompts) != len(self.synonyms):
                 raise VocabularyError("prompts must have one entry per class")
@@ -78,7 +79,7 @@ class Vocabulary:
     @property
     def id(self) -> str:
         """Stable id of the vocabulary's content (for lineage and caches)."""
-        content = {"synonyms": self.synonyms, "seen": self.seen}
+        content: dict[str, object] = {"synonyms": self.synonyms, "seen": self.seen}
         if self.prompts is not None:
             content["prompts"] = self.prompts
         payload = json.dumps(content, sort_keys=True)
@@ -185,7 +186,7 @@ class Vocabulary:
             return list(self.seen)
         return list(_overlap_with_coco171(self.synonyms))
 
-    def with_seen(self, seen: list[bool]) -> Vocabulary:
+    def with_seen(self, seen: Sequence[bool]) -> Vocabulary:
         return Vocabulary(self.synonyms, tuple(bool(s) for s in seen), self.source, self.prompts)
 
     def with_training_classes(self, train_synonyms: list[list[str]]) -> Vocabulary:
