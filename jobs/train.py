@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.epilog = EXAMPLES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--config", help="YAML training config (configs/*.yaml); defaults = the official EBSeg-B recipe")
+    parser.add_argument("--config",
+                        help="YAML training config (configs/*.yaml); defaults = the official EBSeg-B recipe")
     parser.add_argument(
         "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
         help="override config values, e.g. solver.max_iter=2000 run.num_workers=4 data.train=s3://b/d",
@@ -83,7 +84,7 @@ def _root_cause(e: BaseException) -> BaseException:
     failures = getattr(e, "worker_failures", None)
     if failures:
         e = failures[min(failures)]
-    while getattr(e, "__cause__", None) is not None:
+    while e.__cause__ is not None:
         e = e.__cause__
     return e
 

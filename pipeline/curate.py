@@ -14,8 +14,9 @@ import datetime as _dt
 import difflib
 import io
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -519,15 +520,15 @@ def _training_image(data: bytes, width: int, height: int) -> tuple[bytes, str]:
         orientation = im.getexif().get(0x0112, 1)
         if orientation in (None, 1) and fmt in _FORMAT_EXT and im.size == (width, height):
             return data, _FORMAT_EXT[fmt]
-        im = ImageOps.exif_transpose(im)
-        if im.size != (width, height):
-            raise ValueError(f"image is {im.size[0]}x{im.size[1]} but was labelled at {width}x{height} "
+        upright = ImageOps.exif_transpose(im)
+        if upright.size != (width, height):
+            raise ValueError(f"image is {upright.size[0]}x{upright.size[1]} but was labelled at {width}x{height} "
                              "(changed since labelling?)")
         buf = io.BytesIO()
         if fmt == "JPEG":
-            im.convert("RGB").save(buf, format="JPEG", quality=95)
+            upright.convert("RGB").save(buf, format="JPEG", quality=95)
             return buf.getvalue(), "jpg"
-        im.save(buf, format="PNG")
+        upright.save(buf, format="PNG")
         return buf.getvalue(), "png"
 
 
@@ -633,7 +634,8 @@ def export_coco(ds: LabelDataset, selection: pa.Table, out: str, lf: LabelFilter
          "synonyms": syns[old], "ebseg_class_id": old}
         for new, old in enumerate(cat_ids)
     ]
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     res = ExportResult(out)
     for row in _ok_rows(ds, selection):
         label, conf = _decoded(row)
@@ -667,7 +669,7 @@ def export_coco(ds: LabelDataset, selection: pa.Table, out: str, lf: LabelFilter
         res.written += 1
     doc = {
         "info": {"description": f"EBSeg pseudo-labels from {ds.url}", "version": "1",
-                 "date_created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                 "date_created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                  "image_root": root, "vocabulary_id": ds.meta.vocabulary_id, "min_confidence": lf.min_confidence},
         "licenses": [],
         "images": images, "annotations": annotations, "categories": categories,
@@ -701,7 +703,7 @@ def export_label_studio(ds: LabelDataset, selection: pa.Table, out: str, lf: Lab
             if m.any():
                 results.append(LS.brush_result(m, ds.names[old], f"c{old}", _finite(conf_by_id.get(old))))
         kept = exported != lf.ignore_index
-        prediction = {"model_version": str(ds.meta.model.get("preset") or "ebseg"), "result": results}
+        prediction: dict[str, Any] = {"model_version": str(ds.meta.model.get("preset") or "ebseg"), "result": results}
         if conf is not None and kept.any():
             prediction["score"] = float(conf[kept].mean())
         url = row["uri"] if image_url_prefix is None else image_url_prefix + row["uri"][len(uri_root):]
@@ -778,8 +780,9 @@ def overlay_for_row(ds: LabelDataset, row: dict, lf: LabelFilter | None = None, 
     if scale is not None:
         s = scale
         size = (max(1, round(label.shape[1] * s)), max(1, round(label.shape[0] * s)))
-        rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
-        label = np.asarray(Image.fromarray(label.astype(np.int32)).resize(size, Image.NEAREST)).astype(np.int64)
+        rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
+        lab = Image.fromarray(label.astype(np.int32)).resize(size, Image.Resampling.NEAREST)
+        label = np.asarray(lab).astype(np.int64)
     return overlay(rgb, label, ds.names, alpha=alpha, ignore_index=ignore)
 
 

@@ -185,16 +185,15 @@ class Scorer:
         if self.model is None:  # ground-truth predictor: the label itself, ignored pixels -> class 0
             ign = self.specs[dataset].ignore_label
             return [np.where(lab == ign, 0, lab).astype(np.int64) for lab in labels]
+        vocab, bs, precision = self.vocabs[dataset], self.cfg.batch_size, self.cfg.precision
         with self.torch.inference_mode():
             if self.cfg.tta:
                 from ebseg_core.tta import segment_tta
 
-                outs = segment_tta(self.model, images, self.vocabs[dataset], batch_size=self.cfg.batch_size,
-                                   precision=self.cfg.precision)
+                maps = [o.label_map for o in segment_tta(self.model, images, vocab, batch_size=bs, precision=precision)]
             else:
-                outs = self.model.segment(images, self.vocabs[dataset], batch_size=self.cfg.batch_size,
-                                          precision=self.cfg.precision)
-        return [o.label_map.cpu().numpy() for o in outs]
+                maps = [o.label_map for o in self.model.segment(images, vocab, batch_size=bs, precision=precision)]
+        return [m.cpu().numpy() for m in maps]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from pipeline.images import decode_image
@@ -320,8 +319,8 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalR
         for url in save_report(report, cfg.out):
             log(f"wrote {url}")
     for r in results:
-        for e in r.errors[:5]:
-            log(f"error: {e}")
+        for msg in r.errors[:5]:
+            log(f"error: {msg}")
     return report
 
 
@@ -366,13 +365,14 @@ def _nan_to_none(x):
 def save_report(report: EvalReport, out: str) -> list[str]:
     """Write ``results.json``, ``summary.csv`` and ``per_class_<dataset>.csv`` under ``out``."""
     written = []
+    datasets: dict[str, dict[str, Any]] = {}
     doc = {"model": report.model, "seconds": report.seconds, "images_per_second": report.images_per_second,
-           "datasets": {}}
+           "datasets": datasets}
     for r in report.results:
         mt = {k: ([_nan_to_none(v) for v in val] if isinstance(val, list) and k != "class_names" else
                   _nan_to_none(val)) for k, val in r.metrics.items()}
-        doc["datasets"][r.name] = {**mt, "errors": r.errors, "model_seconds": r.seconds,
-                                   "detectron2": {k: _nan_to_none(v) for k, v in detectron2_style(r.metrics).items()}}
+        datasets[r.name] = {**mt, "errors": r.errors, "model_seconds": r.seconds,
+                            "detectron2": {k: _nan_to_none(v) for k, v in detectron2_style(r.metrics).items()}}
     written.append(write_bytes_atomic(join(out, "results.json"), json.dumps(doc, indent=1).encode()))
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -494,7 +494,7 @@ def evaluate_labels(labels_url: str, dataset: str, root: str, out: str | None = 
     if out:
         for url in save_report(report, out):
             log(f"wrote {url}")
-    for e in errors[:5]:
-        log(f"error: {e}")
+    for msg in errors[:5]:
+        log(f"error: {msg}")
     return report
 

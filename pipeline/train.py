@@ -45,7 +45,7 @@ from ebseg_core.checkpoint import META_FILE, TRAIN_STATE_FILE, WEIGHTS_FILE, Che
 from ebseg_core.config import CriterionConfig
 from ebseg_core.errors import UserError
 from ebseg_core.solver import PolyLR, SolverConfig, build_optimizer
-from ebseg_core.train_data import AugmentConfig, DatasetError, DatasetSpec, list_dataset, read_sample
+from ebseg_core.train_data import AugmentConfig, DatasetError, DatasetSpec, Sample, list_dataset, read_sample
 
 if TYPE_CHECKING:
     from ebseg_core.model import EBSeg
@@ -236,6 +236,7 @@ def prepare(cfg: TrainConfig) -> dict:
         )
     checkpoint = _resolve_base_checkpoint(cfg.model)
     reader = None
+    class_names: list[tuple[str, list[str]]] | None
     if cfg.data.layout == "labels":
         from pipeline.curate import CurationError
         from pipeline.label_source import LabelSourceSpec, list_label_samples
@@ -253,7 +254,7 @@ def prepare(cfg: TrainConfig) -> dict:
     vocab = _vocabulary(cfg, class_names)
     for s in samples[: cfg.data.preflight_samples]:
         (reader or read_sample)(s, len(vocab))
-    val = []
+    val: list[Sample] = []
     if cfg.data.val:
         val_layout = "generic" if cfg.data.layout == "labels" else cfg.data.layout
         vspec = DatasetSpec(cfg.data.val, val_layout, cfg.data.val_split, cfg.data.skip_bad)
@@ -278,7 +279,7 @@ def prepare(cfg: TrainConfig) -> dict:
 def worker_payload(cfg: TrainConfig, listing: dict) -> dict:
     """What every worker gets: ``listing`` with its sample lists replaced by Parquet shards written once
     under ``<run dir>/samples/`` (local or object storage), so its size does not grow with the dataset."""
-    from ebseg_core.train_data import Sample, write_sample_shards
+    from ebseg_core.train_data import write_sample_shards
 
     def shards(pairs: list) -> dict | None:
         if not pairs:
@@ -354,7 +355,8 @@ def train(cfg: TrainConfig, address: str | None = None, trainer: Callable[[dict]
             failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.num_to_keep),
             # Ray Train's own INFO lines (worker group starts, checkpoint uploads): warnings and errors only.
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            # Ray's stub types V1's RunConfig, which lacks logging_config; the runtime one has it.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
         ),
     )
     result = torch_trainer.fit()
@@ -439,7 +441,10 @@ def weights_metadata(cfg: TrainConfig, vocabulary_json: str, iteration: int) -> 
 
 def _rng_state() -> dict:
     """This process's RNG states as tensors and plain numbers (loadable with weights_only=True)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy = np.random.get_state()
+    if not isinstance(legacy, tuple):  # a dict only when the global generator is not MT19937
+        raise TypeError(f"numpy's global generator is {legacy.get('bit_generator')}, expected MT19937")
+    kind, keys, pos, has_gauss, cached = legacy
     state = {
         "torch": torch.get_rng_state(),
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
@@ -606,7 +611,7 @@ class Trainer:
     def save(self, parts: TrainerParts, metrics: dict) -> str | None:
         """Rank 0 writes a checkpoint directory (see :func:`write_checkpoint`) and returns it; every rank
         contributes its RNG state, so a resume continues each worker's random stream."""
-        rng_states = [None] * self.world
+        rng_states: list[dict | None] = [None] * self.world
         if self.world > 1:
             torch.distributed.all_gather_object(rng_states, _rng_state())
         else:
@@ -665,7 +670,7 @@ class Trainer:
 
         if self.world == 1:
             return 1
-        nodes = [None] * self.world
+        nodes: list[str | None] = [None] * self.world
         torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
         return len(set(nodes))
 
@@ -687,7 +692,7 @@ class Trainer:
             bad_total += bad
             lr = parts.optimizer.param_groups[0]["lr"]
             losses = self.step(parts, images, targets)
-            window.append(float(sum(losses.values()).detach().item()))
+            window.append(float(sum(v.detach() for v in losses.values())))
             steps += 1
             it = self.iteration
             is_log = it % cfg.run.log_period == 0 or it == max_iter

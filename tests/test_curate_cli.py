@@ -16,7 +16,6 @@ from PIL import Image
 
 from jobs import curate as cli
 from jobs.cli import module_main
-from pipeline import curate as C
 from tests.test_curate_data import NAMES, build_label_dataset
 
 REPO = Path(__file__).resolve().parent.parent
