@@ -169,8 +169,9 @@ class AdaBDecoder(nn.Module):
         # Bilinear resizing is linear, so the mask logits at a feature level's size (the next layer's
         # attention mask) are the query embeddings times the mask features resized to that size: the
         # features are resized once per level instead of every layer's [Q, H, W] logits.
-        level_features = [F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
-                          for size in sizes]
+        with torch.no_grad():  # the attention masks are thresholds: no gradient
+            level_features = [F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+                              for size in sizes]
         bias_features = None
         out = DecoderOutputs([], [], [])
         n_pred = self.num_layers + 1
@@ -197,8 +198,9 @@ class AdaBDecoder(nn.Module):
                 out.attn_biases.append(None)
                 out.mask_embeds.append(None)
             if not final:
-                m = torch.einsum("bqc,bchw->bqhw", mask_embed, level_features[i % self.num_feature_levels])
-                allowed = (m.flatten(2).sigmoid() >= 0.5).detach()
+                with torch.no_grad():
+                    m = torch.einsum("bqc,bchw->bqhw", mask_embed, level_features[i % self.num_feature_levels])
+                    allowed = m.flatten(2).sigmoid() >= 0.5
                 # Rows masking every key attend everywhere instead (official behaviour).
                 allowed |= ~allowed.any(-1, keepdim=True)
         return out

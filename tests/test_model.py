@@ -288,3 +288,41 @@ def test_segment_resize_paths():
     assert relative < 0.01, relative
     with pytest.raises(UserError, match="unknown resize 'gpu'"):
         model.segment([img], vocab, resize="gpu")
+
+
+def test_decoder_attention_masks_equal_resized_full_resolution_masks():
+    """The decoder thresholds mask logits computed from resized features; the official chain resizes each
+    layer's full-resolution logits. Same masks (up to logits within rounding of the threshold), and the
+    inference path (final prediction only) gives the final outputs of the all-predictions path."""
+    import torch.nn.functional as F
+
+    model = _tiny()
+    dec = model.sem_seg_head.predictor
+    g = torch.Generator().manual_seed(0)
+    d = model.config.pixel_decoder
+    multi_scale = [torch.randn(1, d.conv_dim, s, s + 2, generator=g) for s in (4, 8, 16)]
+    mask_features = torch.randn(1, d.mask_dim, 32, 36, generator=g)
+    seen = []
+    hooks = [layer.register_forward_pre_hook(lambda mod, args: seen.append(args[2]))
+             for layer in dec.transformer_cross_attention_layers]
+    with torch.no_grad():
+        full = dec(multi_scale, mask_features, all_predictions=True)
+        masks_full = list(seen)
+        seen.clear()
+        final_only = dec(multi_scale, mask_features, all_predictions=False)
+    for h in hooks:
+        h.remove()
+    assert len(masks_full) == dec.num_layers and all(torch.equal(a, b) for a, b in zip(masks_full, seen))
+    for layer, allowed in enumerate(masks_full):
+        level = multi_scale[layer % 3]
+        logits = F.interpolate(full.pred_masks[layer], size=level.shape[-2:], mode="bilinear",
+                               align_corners=False).flatten(2)
+        expected = logits.sigmoid() >= 0.5
+        expected |= ~expected.any(-1, keepdim=True)
+        differ = allowed != expected
+        assert expected.float().mean() not in (0.0, 1.0)  # a real mask, not all-or-nothing
+        assert bool((logits[differ].abs() < 1e-4).all()), layer
+    assert all(p is None for p in final_only.pred_masks[:-1])
+    torch.testing.assert_close(final_only.pred_masks[-1], full.pred_masks[-1], rtol=0, atol=0)
+    torch.testing.assert_close(final_only.attn_biases[-1], full.attn_biases[-1], rtol=0, atol=0)
+    torch.testing.assert_close(final_only.mask_embeds[-1], full.mask_embeds[-1], rtol=0, atol=0)
