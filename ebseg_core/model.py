@@ -344,7 +344,8 @@ class EBSeg(nn.Module):
         device (pinned and asynchronous on CUDA); normalisation happens there in `_encode`."""
         if resize == "pil":
             image = pil_resize(image, size)
-        host = torch.from_numpy(np.ascontiguousarray(image))
+        image = np.ascontiguousarray(image)
+        host = torch.from_numpy(image if image.flags.writeable else image.copy())  # torch wants writable
         if self.device.type == "cuda":
             host = host.pin_memory()
         x = host.to(self.device, non_blocking=True).permute(2, 0, 1)
