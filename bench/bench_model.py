@@ -3,6 +3,7 @@
     python bench/bench_model.py                      # EBSeg-B, fp32, 2 threads
     python bench/bench_model.py --large              # EBSeg-L too
     python bench/bench_model.py --precisions fp32,bf16 --agreement
+    python bench/bench_model.py --presets "" --precisions fp32,bf16,fp16 --agreement   # agreement only
 
 Random weights (timing does not depend on them). Absolute times on a shared machine move from run to
 run and from day to day, so the official comparison never uses a time from another run: the
@@ -209,7 +210,37 @@ def precision_agreement(args) -> None:
             continue
         out = model.segment(list(images), vocab, batch_size=1, precision=precision)
         same = np.mean([float((a.label_map == b.label_map).float().mean()) for a, b in zip(ref, out)])
-        print(f"{precision} label maps agree with fp32 on {same:.2%} of pixels (target >= 99.5%)")
+        print(f"{precision} label maps agree with fp32 on {same:.2%} of pixels (target >= 99.5%)"
+              f"{'' if same >= 0.995 else ' -- BELOW TARGET'}")
+    resize_agreement(model, vocab, args)
+
+
+def resize_agreement(model, vocab, args) -> None:
+    """Label agreement of segment(resize="device") with the PIL-exact path, on images that need a
+    downscale (1.6x the test size) or an upscale (0.75x), and the input difference on real photos."""
+    from ebseg_core.data.synthetic import blob_image
+    from ebseg_core.model import device_resize, pil_resize, resized_shape
+
+    for factor in (1.6, 0.75):
+        side = round(args.train_size * factor)
+        images = [blob_image(side, round(side * 4 / 3), seed=2 * 10 ** 6 + i, num_classes=4, ignore_boundary=False)[0]
+                  for i in range(args.eval_images)]
+        pil = model.segment(images, vocab, batch_size=1, resize="pil")
+        dev = model.segment(images, vocab, batch_size=1, resize="device")
+        same = np.mean([float((a.label_map == b.label_map).float().mean()) for a, b in zip(pil, dev)])
+        print(f"resize=device label maps agree with resize=pil on {same:.2%} of pixels "
+              f"({len(images)} blob images {side}x{round(side * 4 / 3)} -> short side {args.train_size})")
+    try:
+        import skimage.data
+    except ImportError:
+        return
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        img = getattr(skimage.data, name)()
+        size = resized_shape(*img.shape[:2], 640, 2560)
+        diff = np.abs(pil_resize(img, size).astype(np.float32)
+                      - device_resize(torch.from_numpy(img).permute(2, 0, 1), size).permute(1, 2, 0).numpy())
+        print(f"device_resize vs PIL, skimage {name} {img.shape[0]}x{img.shape[1]} -> {size[0]}x{size[1]}: "
+              f"max {diff.max():.0f} level, {(diff > 0).mean():.1%} of values differ")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -220,7 +251,8 @@ def parse_size(text: str) -> tuple[int, int]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--large", action="store_true", help="also benchmark EBSeg-L")
-    p.add_argument("--presets", default="ebseg-b", help="comma-separated presets (default ebseg-b)")
+    p.add_argument("--presets", default="ebseg-b",
+                   help='comma-separated presets (default ebseg-b; "" with --agreement: agreement only)')
     p.add_argument("--sizes", default="640x640,640x854",
                    help="HxW images; the first alternates with the normaliser (default 640x640,640x854)")
     p.add_argument("--precisions", default="fp32", help="comma-separated: fp32, bf16, fp16 (default fp32)")
@@ -240,7 +272,7 @@ def main() -> int:
     args = p.parse_args()
     args.sizes = [parse_size(s) for s in args.sizes.split(",")]
     args.precisions = [s.strip() for s in args.precisions.split(",")]
-    presets = [s.strip() for s in args.presets.split(",")] + (["ebseg-l"] if args.large else [])
+    presets = [s.strip() for s in args.presets.split(",") if s.strip()] + (["ebseg-l"] if args.large else [])
     torch.set_num_threads(args.threads)
     os.environ["EBSEG_CACHE_DIR"] = tempfile.mkdtemp(prefix="ebseg-bench-")
 
@@ -249,11 +281,11 @@ def main() -> int:
     print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     rates = {}
-    for precision in dict.fromkeys(["fp32"] + args.precisions):
+    for precision in dict.fromkeys(["fp32"] + args.precisions) if presets else ():
         dtype = autocast_dtype_for(precision, args.device) or torch.float32
         rates[dtype] = matmul_gflops(dtype, args.device)
         print(f"matmul 2048^3 {precision}: {rates[dtype]:.0f} GFLOP/s")
-    norm = normaliser(args.device) if args.normaliser else (None, None)
+    norm = normaliser(args.device) if args.normaliser and presets else (None, None)
     for preset in presets:
         bench_preset(preset, args, norm, rates)
     if args.agreement:

@@ -46,6 +46,27 @@ class MLP(nn.Module):
         return x
 
 
+def multihead_attention(attn: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """nn.MultiheadAttention's computation (its weights, sequence-first [L, B, C] tensors) through
+    `scaled_dot_product_attention`.
+
+    `allowed` is a boolean [B, Lq, Lk] mask shared by all heads (True = may attend): it broadcasts over
+    the heads instead of being repeated per head as nn.MultiheadAttention requires.
+    """
+    heads = attn.num_heads
+    lq, b, c = query.shape
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+
+    def split(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w, bias).view(x.shape[0], b, heads, c // heads).permute(1, 2, 0, 3)
+
+    out = F.scaled_dot_product_attention(split(query, w_q, b_q), split(key, w_k, b_k), split(value, w_v, b_v),
+                                         attn_mask=None if allowed is None else allowed[:, None])
+    return attn.out_proj(out.permute(2, 0, 1, 3).reshape(lq, b, c))
+
+
 class QuerySelfAttention(nn.Module):
     """Post-norm self-attention among the queries (positions added to queries and keys)."""
 
@@ -56,7 +77,7 @@ class QuerySelfAttention(nn.Module):
 
     def forward(self, tgt: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
         q = k = tgt + query_pos
-        return self.norm(tgt + self.self_attn(q, k, value=tgt)[0])
+        return self.norm(tgt + multihead_attention(self.self_attn, q, k, tgt))
 
 
 class MaskedCrossAttention(nn.Module):
@@ -67,8 +88,9 @@ class MaskedCrossAttention(nn.Module):
         self.multihead_attn = nn.MultiheadAttention(d_model, nhead)
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, tgt, memory, memory_mask, pos, query_pos) -> torch.Tensor:
-        out = self.multihead_attn(query=tgt + query_pos, key=memory + pos, value=memory, attn_mask=memory_mask)[0]
+    def forward(self, tgt, memory, allowed, pos, query_pos) -> torch.Tensor:
+        """`allowed`: boolean [B, Q, H*W], True where a query may attend (shared by the heads)."""
+        out = multihead_attention(self.multihead_attn, tgt + query_pos, memory + pos, memory, allowed)
         return self.norm(tgt + out)
 
 
@@ -89,11 +111,11 @@ class QueryFeedForward(nn.Module):
 class DecoderOutputs:
     """Per-prediction outputs (index 0 = from the learnable queries, last = final layer).
 
-    At inference only the final prediction's `mask_embeds`/`attn_biases` are computed (the others are
-    None): the official code computes all of them and keeps only the last.
+    At inference only the final prediction's `pred_masks`/`mask_embeds`/`attn_biases` are computed (the
+    others are None): the official code computes all of them and keeps only the last.
     """
 
-    pred_masks: list[torch.Tensor]  # [B, Q, H/4, W/4]
+    pred_masks: list[torch.Tensor | None]  # [B, Q, H/4, W/4]
     mask_embeds: list[torch.Tensor | None]  # [B, Q, E], scaled by clamp(logit_scale, max=10)
     attn_biases: list[torch.Tensor | None]  # [B, clip_heads, Q, H/4, W/4]
 
@@ -105,7 +127,6 @@ class AdaBDecoder(nn.Module):
         super().__init__()
         d = cfg.decoder
         hidden, mask_dim = d.hidden_dim, cfg.pixel_decoder.mask_dim
-        self.num_heads = d.num_heads
         self.num_layers = d.num_layers
         self.num_clip_heads = cfg.clip.vision_heads
         self.pe_layer = SinePositionEncoding(hidden // 2)
@@ -145,37 +166,43 @@ class AdaBDecoder(nn.Module):
         output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
 
         h, w = mask_features.shape[-2:]
+        # Bilinear resizing is linear, so the mask logits at a feature level's size (the next layer's
+        # attention mask) are the query embeddings times the mask features resized to that size: the
+        # features are resized once per level instead of every layer's [Q, H, W] logits.
+        with torch.no_grad():  # the attention masks are thresholds: no gradient
+            level_features = [F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+                              for size in sizes]
         bias_features = None
         out = DecoderOutputs([], [], [])
         n_pred = self.num_layers + 1
-        attn_mask = torch.empty(0)  # set at the end of each prediction for the next layer's cross-attention
+        allowed = torch.empty(0)  # set at the end of each prediction for the next layer's cross-attention
         for i in range(n_pred):
             final = i == n_pred - 1
             if i > 0:
                 level = (i - 1) % self.num_feature_levels
-                # Rows masking every key attend everywhere instead (official behaviour).
-                attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
                 output = self.transformer_cross_attention_layers[i - 1](
-                    output, src[level], attn_mask, pos[level], query_pos)
+                    output, src[level], allowed, pos[level], query_pos)
                 output = self.transformer_self_attention_layers[i - 1](output, query_pos)
                 output = self.transformer_ffn_layers[i - 1](output)
             decoder_output = self.decoder_norm(output).transpose(0, 1)
             mask_embed = self.mask_embed(decoder_output)
-            pred_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
-            out.pred_masks.append(pred_mask)
             if all_predictions or final:
+                pred_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
+                out.pred_masks.append(pred_mask)
                 if bias_features is None:
                     bias_features = self._bias_hidden(mask_features)
                 out.attn_biases.append(self._attn_bias(mask_embed, bias_features, (h, w)))
                 out.mask_embeds.append(self._class_embedding(decoder_output, pred_mask, mask_features))
             else:
+                out.pred_masks.append(None)
                 out.attn_biases.append(None)
                 out.mask_embeds.append(None)
             if not final:
-                target = sizes[i % self.num_feature_levels]
-                m = F.interpolate(pred_mask, size=target, mode="bilinear", align_corners=False)
-                attn_mask = (m.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1)
-                             .flatten(0, 1) < 0.5).detach()
+                with torch.no_grad():
+                    m = torch.einsum("bqc,bchw->bqhw", mask_embed, level_features[i % self.num_feature_levels])
+                    allowed = m.flatten(2).sigmoid() >= 0.5
+                # Rows masking every key attend everywhere instead (official behaviour).
+                allowed |= ~allowed.any(-1, keepdim=True)
         return out
 
     def _bias_hidden(self, mask_features: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,9 @@ from PIL import Image
 from torch import nn
 
 from .clip import CLIPFeatureExtractor, CLIPRecognitionHead, OpenVocabClassifier
-from .config import (CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, SAM_PIXEL_MEAN, SAM_PIXEL_STD, EBSegConfig)
+from .config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, SAM_PIXEL_MEAN, SAM_PIXEL_STD, EBSegConfig
 from .decoder import EBSegHead
+from .errors import UserError
 from .model_spec import resized_shape
 from .sam_backbone import SAMBackbone
 from .vocabulary import Vocabulary
@@ -57,6 +58,46 @@ def autocast_dtype_for(precision: str | None, device: torch.device | str) -> tor
     if precision not in dtypes:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     return dtypes[precision]
+
+
+RESIZE_MODES = ("pil", "device")
+
+
+def resize_mode_for(resize: str | None, device: torch.device | str) -> str:
+    """Where `segment` resizes images: "pil" (host, PIL bilinear: exactly the official test mapper) or
+    "device" (`device_resize` after copying the uint8 image); None/"auto" = "pil" on CPU, "device" on
+    CUDA (label agreement of the two paths: docs/performance.md)."""
+    if resize in (None, "auto"):
+        return "device" if torch.device(device).type == "cuda" else "pil"
+    if resize not in RESIZE_MODES:
+        raise UserError(f"unknown resize {resize!r}; choose one of {', '.join(RESIZE_MODES)}")
+    return resize
+
+
+def check_rgb(image: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an HxWx3 uint8 RGB image, got {image.dtype} array of shape {image.shape}")
+
+
+def pil_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """HxWx3 uint8 -> size (height, width) by PIL bilinear, as the official test mapper."""
+    if tuple(image.shape[:2]) == tuple(size):
+        return image
+    return np.array(Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+
+
+def device_resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[3, H, W] uint8 (any device) -> [3, *size] float32 0..255, resized where it lies.
+
+    Antialiased bilinear (PIL's filter: the triangle widens with the reduction factor) rounded to
+    integers like PIL's uint8 output; PIL's fixed-point arithmetic still differs by about one level on
+    some pixels, hence the "pil" path where exact parity matters.
+    """
+    x = image.float()
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    x = F.interpolate(x[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    return x.round_().clamp_(0, 255)
 
 
 class EBSeg(nn.Module):
@@ -284,51 +325,66 @@ class EBSeg(nn.Module):
 
     def prepare_image(self, image: np.ndarray) -> torch.Tensor:
         """HxWx3 uint8 RGB -> CHW float tensor resized as the official test mapper (PIL bilinear)."""
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"expected an HxWx3 uint8 RGB image, got {image.dtype} array of shape {image.shape}")
-        h, w = image.shape[:2]
-        nh, nw = resized_shape(h, w, self.config.test_min_size, self.config.test_max_size)
-        if (nh, nw) != (h, w):
-            image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
-        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float()
+        check_rgb(image)
+        size = resized_shape(*image.shape[:2], self.config.test_min_size, self.config.test_max_size)
+        return torch.from_numpy(pil_resize(image, size)).permute(2, 0, 1).float()
+
+    def _model_input(self, image: np.ndarray, size: tuple[int, int], resize: str) -> torch.Tensor:
+        """One image as a CHW tensor on the model's device, resized to `size` ("pil": on the host, exactly
+        as the official test mapper; "device": `device_resize` after the copy). Only uint8 crosses to the
+        device (pinned and asynchronous on CUDA); normalisation happens there in `_encode`."""
+        if resize == "pil":
+            image = pil_resize(image, size)
+        image = np.ascontiguousarray(image)
+        host = torch.from_numpy(image if image.flags.writeable else image.copy())  # torch wants writable
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        x = host.to(self.device, non_blocking=True).permute(2, 0, 1)
+        return device_resize(x, size) if resize == "device" else x
 
     @torch.no_grad()
     def segment(self, images: list[np.ndarray], vocab: Vocabulary, batch_size: int = 4,
                 return_scores: bool = False, output_sizes: list[tuple[int, int]] | None = None,
-                precision: str | None = None) -> list[Segmentation]:
+                precision: str | None = None, resize: str | None = None) -> list[Segmentation]:
         """Segment RGB images with a vocabulary; results at each image's original size.
 
         Images are batched only with images of the same padded size, so every result equals the
         one-image-at-a-time result of the official evaluation. `precision` ("fp32", "bf16", "fp16",
         None = "auto"; see `autocast_dtype_for`) runs the model under autocast; the pixel decoder and
-        the final scores stay in float32. `output_sizes` (used by test-time augmentation): the images are already
-        resized model inputs (no test resize here) and result k is produced at output_sizes[k] (the
-        official postprocess).
+        the final scores stay in float32. `resize` ("pil", "device", None = "auto"; see `resize_mode_for`)
+        chooses where the test resize runs. `output_sizes` (used by test-time augmentation): the images
+        are already resized model inputs (no test resize here) and result k is produced at
+        output_sizes[k] (the official postprocess).
         """
         autocast_dtype = autocast_dtype_for(precision, self.device)
+        resize = resize_mode_for(resize, self.device)
+        for img in images:
+            check_rgb(img)
         if output_sizes is None:
-            prepared = [self.prepare_image(img) for img in images]
+            sizes = [resized_shape(*img.shape[:2], self.config.test_min_size, self.config.test_max_size)
+                     for img in images]
         else:
-            prepared = [torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() for img in images]
+            sizes = [tuple(img.shape[:2]) for img in images]
         d = self.config.size_divisibility
         groups: dict[tuple[int, int], list[int]] = {}
-        for k, t in enumerate(prepared):
-            key = (-(-t.shape[-2] // d), -(-t.shape[-1] // d))
-            groups.setdefault(key, []).append(k)
+        for k, (h, w) in enumerate(sizes):
+            groups.setdefault((-(-h // d), -(-w // d)), []).append(k)
         results: list[Segmentation | None] = [None] * len(images)
         use_amp = autocast_dtype is not None
         for idxs in groups.values():
             for start in range(0, len(idxs), max(1, batch_size)):
                 chunk = idxs[start: start + batch_size]
+                inputs = [self._model_input(images[k], sizes[k], resize) for k in chunk]
                 with torch.autocast(self.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=use_amp):
-                    mask_cls_log, mask_pred, padded = self.predict_masks([prepared[k] for k in chunk], vocab)
+                    mask_cls_log, mask_pred, padded = self.predict_masks(inputs, vocab)
                 mask_cls_log, mask_pred = mask_cls_log.float(), mask_pred.float()
                 mask_pred = F.interpolate(mask_pred, size=padded, mode="bilinear", align_corners=False)
                 for j, k in enumerate(chunk):
-                    h, w = prepared[k].shape[-2:]
-                    out = images[k].shape[:2] if output_sizes is None else output_sizes[k]
-                    m = F.interpolate(mask_pred[j: j + 1, :, :h, :w], size=out, mode="bilinear",
-                                      align_corners=False)[0]
+                    h, w = sizes[k]
+                    out = tuple(images[k].shape[:2]) if output_sizes is None else tuple(output_sizes[k])
+                    m = mask_pred[j, :, :h, :w]
+                    if out != (h, w):  # a same-size bilinear resize is the identity: skip it
+                        m = F.interpolate(m[None], size=out, mode="bilinear", align_corners=False)[0]
                     results[k] = self._labels(mask_cls_log[j], m, return_scores)
         return results  # type: ignore[return-value]
 

@@ -241,3 +241,88 @@ def test_precision_choice_maps_to_autocast():
     assert not torch.equal(by_name.scores, full.scores)  # bf16 really ran
     scores = model.forward_eval([model.prepare_image(image)], vocab, precision="bf16")[0]
     assert scores.dtype == torch.float32
+
+
+def _textured(h: int, w: int, seed: int) -> np.ndarray:
+    """A blob image with pixel noise: fine detail, where an un-antialiased downscale would differ."""
+    img = blob_image(h, w, seed=seed, num_classes=4)[0].astype(np.int16)
+    noise = np.random.default_rng(seed).integers(-40, 41, size=img.shape)
+    return np.clip(img + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("size", [(61, 83), (170, 230)])  # a downscale by ~0.4 and an upscale by ~1.1
+def test_device_resize_within_one_level_of_pil(size):
+    from ebseg_core.model import device_resize, pil_resize
+
+    img = _textured(150, 205, seed=1)
+    ref = pil_resize(img, size).astype(np.float32)
+    ours = device_resize(torch.from_numpy(img).permute(2, 0, 1), size).permute(1, 2, 0).numpy()
+    assert ours.shape == ref.shape
+    diff = np.abs(ours - ref)
+    assert diff.max() <= 1, diff.max()  # PIL's fixed-point rounding, never the filter
+    assert diff.mean() < 0.3, diff.mean()
+
+
+def test_segment_resize_paths():
+    from ebseg_core import UserError
+    from ebseg_core.model import device_resize, resized_shape
+
+    model = _tiny()
+    vocab = Vocabulary.parse("a,b,c").with_seen([True, False, True])
+    img = _textured(150, 205, seed=2)  # resized to the tiny test size (96 short side)
+    pil = model.segment([img], vocab, return_scores=True, resize="pil")[0]
+    default = model.segment([img], vocab, return_scores=True)[0]  # CPU default: pil
+    assert torch.equal(default.scores, pil.scores)
+    # The pil path is the official chain: PIL resize, evaluation forward, label = argmax of the scores.
+    official = model.forward_eval([model.prepare_image(img)], vocab, output_sizes=[img.shape[:2]])[0]
+    torch.testing.assert_close(pil.scores, official, atol=1e-6, rtol=1e-5)
+    assert torch.equal(pil.label_map, official.argmax(0))
+
+    dev = model.segment([img], vocab, return_scores=True, resize="device")[0]
+    size = resized_shape(*img.shape[:2], model.config.test_min_size, model.config.test_max_size)
+    resized = device_resize(torch.from_numpy(img).permute(2, 0, 1), size)
+    torch.testing.assert_close(dev.scores, model.forward_eval([resized], vocab, output_sizes=[img.shape[:2]])[0],
+                               atol=1e-6, rtol=1e-5)
+    assert not torch.equal(dev.scores, pil.scores)  # the device path really ran
+    relative = float((dev.scores - pil.scores).abs().mean() / pil.scores.abs().mean())
+    assert relative < 0.01, relative
+    with pytest.raises(UserError, match="unknown resize 'gpu'"):
+        model.segment([img], vocab, resize="gpu")
+
+
+def test_decoder_attention_masks_equal_resized_full_resolution_masks():
+    """The decoder thresholds mask logits computed from resized features; the official chain resizes each
+    layer's full-resolution logits. Same masks (up to logits within rounding of the threshold), and the
+    inference path (final prediction only) gives the final outputs of the all-predictions path."""
+    import torch.nn.functional as F
+
+    model = _tiny()
+    dec = model.sem_seg_head.predictor
+    g = torch.Generator().manual_seed(0)
+    d = model.config.pixel_decoder
+    multi_scale = [torch.randn(1, d.conv_dim, s, s + 2, generator=g) for s in (4, 8, 16)]
+    mask_features = torch.randn(1, d.mask_dim, 32, 36, generator=g)
+    seen = []
+    hooks = [layer.register_forward_pre_hook(lambda mod, args: seen.append(args[2]))
+             for layer in dec.transformer_cross_attention_layers]
+    with torch.no_grad():
+        full = dec(multi_scale, mask_features, all_predictions=True)
+        masks_full = list(seen)
+        seen.clear()
+        final_only = dec(multi_scale, mask_features, all_predictions=False)
+    for h in hooks:
+        h.remove()
+    assert len(masks_full) == dec.num_layers and all(torch.equal(a, b) for a, b in zip(masks_full, seen))
+    for layer, allowed in enumerate(masks_full):
+        level = multi_scale[layer % 3]
+        logits = F.interpolate(full.pred_masks[layer], size=level.shape[-2:], mode="bilinear",
+                               align_corners=False).flatten(2)
+        expected = logits.sigmoid() >= 0.5
+        expected |= ~expected.any(-1, keepdim=True)
+        differ = allowed != expected
+        assert expected.float().mean() not in (0.0, 1.0)  # a real mask, not all-or-nothing
+        assert bool((logits[differ].abs() < 1e-4).all()), layer
+    assert all(p is None for p in final_only.pred_masks[:-1])
+    torch.testing.assert_close(final_only.pred_masks[-1], full.pred_masks[-1], rtol=0, atol=0)
+    torch.testing.assert_close(final_only.attn_biases[-1], full.attn_biases[-1], rtol=0, atol=0)
+    torch.testing.assert_close(final_only.mask_embeds[-1], full.mask_embeds[-1], rtol=0, atol=0)
