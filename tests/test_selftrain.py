@@ -1,6 +1,7 @@
 """Self-training measured where the truth is known (issue #14, pipeline/selftrain.py): the scoring the
-recipe and `make demo` use. The test that the recipe's gain exceeds its run-to-run noise is not here
-yet: see docs/training.md, "Self-training, measured"."""
+recipe and `make demo` use, the image-level selection (`most_confident`) and the labelled truth mixed in
+as label rows. No recipe measured so far gains over its control, so there is no gain test yet: see
+docs/training.md, "Self-training, measured"."""
 
 from __future__ import annotations
 
