@@ -2,6 +2,8 @@
 .PHONY: help setup lint test test-fast demo demo-photos selftrain
 
 DEMO ?= out/demo
+# The demo's one training worker takes every core up to 4 (torch threads = its Ray CPUs)
+DEMO_CPUS ?= $(shell n=$$(nproc); echo $$((n < 4 ? n : 4)))
 
 DEMO_VOCABULARY ?= person;astronaut,cat,coffee cup;cup,rocket,sky,ground;grass
 
@@ -13,7 +15,7 @@ help:
 	@echo "make demo    setup, then the loop on a generated world whose truth is known: train the tiny model,"
 	@echo "             label a lake with it, curate stats, mIoU against the hidden truth, HTML report (out/demo/)"
 	@echo "make demo-photos  setup, then label 4 sample photos with random tiny weights into out/labels/"
-	@echo "make selftrain    self-training measured on 3 seeds (scripts/selftrain.py; ~4 min a seed on 2 cores)"
+	@echo "make selftrain    self-training vs its control on 3 seeds (scripts/selftrain.py; see docs/training.md)"
 
 setup:
 	@scripts/setup.sh
@@ -32,7 +34,8 @@ demo: setup
 	rm -rf $(DEMO)
 	.venv/bin/python scripts/demo_world.py write $(DEMO)/world
 	.venv/bin/ebseg train --config configs/tiny_blobs.yaml --set data.train=$(DEMO)/world/labelled \
-	    run.storage_path=$(DEMO)/runs run.name=demo solver.max_iter=150 run.checkpoint_period=150
+	    run.storage_path=$(DEMO)/runs run.name=demo solver.max_iter=100 run.checkpoint_period=100 \
+	    run.cpus_per_worker=$(DEMO_CPUS)
 	.venv/bin/ebseg label --input $(DEMO)/world/lake/images --output $(DEMO)/labels \
 	    --vocabulary wall,sky,tree,grass --checkpoint $(DEMO)/runs/demo
 	.venv/bin/ebseg curate stats $(DEMO)/labels
@@ -47,4 +50,4 @@ demo-photos: setup
 	@echo "demo-photos: label Parquet in out/labels/ (random weights: the classes are meaningless; see docs/labeling.md)"
 
 selftrain: setup
-	.venv/bin/python scripts/selftrain.py --workdir out/selftrain-$$(date +%Y%m%d-%H%M%S) --seeds 0 1 2
+	.venv/bin/python scripts/selftrain.py --workdir out/selftrain-$$(date +%Y%m%d-%H%M%S) --seeds 0 1 2 --control

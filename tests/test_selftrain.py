@@ -1,6 +1,7 @@
 """Self-training measured where the truth is known (issue #14, pipeline/selftrain.py): the scoring the
-recipe and `make demo` use. The test that the recipe's gain exceeds its run-to-run noise is not here
-yet: see docs/training.md, "Self-training, measured"."""
+recipe and `make demo` use, the image-level selection (`most_confident`) and the labelled truth mixed in
+as label rows. No recipe measured so far gains over its control, so there is no gain test yet: see
+docs/training.md, "Self-training, measured"."""
 
 from __future__ import annotations
 
@@ -37,3 +38,77 @@ def test_score_labels_is_the_evaluators_miou(tmp_path):
 
     assert score_labels(write("exact", False), world["held_out"], len(CLASS_NAMES)) == pytest.approx(100.0)
     assert score_labels(write("half", True), world["held_out"], len(CLASS_NAMES)) < 70.0
+
+
+def _write_rows(path, rows):
+    import pyarrow.parquet as pq
+
+    from pipeline import schema as S
+    from pipeline.selftrain import CLASS_NAMES
+
+    schema = S.label_schema(list(CLASS_NAMES), [[n] for n in CLASS_NAMES], "v", {"preset": "ebseg-tiny"})
+    path.mkdir(parents=True)
+    pq.write_table(S.rows_to_table(rows, schema), str(path / "part-0.parquet"))
+    return str(path)
+
+
+def test_most_confident_keeps_the_images_of_highest_mean_confidence(tmp_path):
+    """`most_confident` ranks rows by their whole label map's mean confidence, not by one class's."""
+    import numpy as np
+
+    from pipeline import schema as S
+    from pipeline.label_source import LabelSourceSpec, list_label_samples
+    from pipeline.selftrain import CLASS_NAMES
+
+    rng = np.random.default_rng(0)
+    means = rng.permutation(np.linspace(0.3, 0.9, 10))
+    rows = []
+    for i, m in enumerate(means):
+        lab = np.zeros((8, 8), np.int64)
+        lab[:2] = 1  # a small class whose confidence is the opposite of the image's: a per-class rank would differ
+        conf = np.full((8, 8), m, np.float32)
+        conf[:2] = 1.2 - m
+        rows.append(S.make_ok_row(f"/img/{i}.png", lab, conf, list(CLASS_NAMES), "m", "v"))
+    url = _write_rows(tmp_path / "labels", rows)
+    got = list_label_samples(LabelSourceSpec.from_options(url, {"most_confident": 0.3})).samples
+    whole = [(6 * m + 2 * (1.2 - m)) / 8 for m in means]
+    want = {f"/img/{i}.png" for i in np.argsort(whole)[-3:]}
+    assert {s.image for s in got} == want
+    assert [s.image for s in got] == sorted((s.image for s in got), key=lambda u: int(u[5:-4]))  # dataset order
+    everything = list_label_samples(LabelSourceSpec.from_options(url, {"most_confident": 1})).samples
+    assert len(everything) == 10
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, -0.1, "half", True])
+def test_most_confident_outside_0_1_is_one_line(tmp_path, bad):
+    from pipeline.curate import CurationError
+    from pipeline.label_source import LabelSourceSpec
+
+    with pytest.raises(CurationError, match="most_confident is a fraction in"):
+        LabelSourceSpec.from_options(str(tmp_path), {"most_confident": bad})
+
+
+def test_truth_rows_read_back_as_the_truth(tmp_path):
+    """The labelled images' truth, mixed into the fine-tune as label rows, trains as the truth (the ignore band
+    filled with a neighbouring class)."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline import schema as S
+    from pipeline.label_source import LabelSourceSpec, list_label_samples
+    from pipeline.selftrain import CLASS_NAMES, SelfTrainConfig, write_truth_labels, write_world
+
+    world = write_world(str(tmp_path / "world"), SelfTrainConfig(str(tmp_path), labelled=3, lake=1, held_out=0))
+    img = next((tmp_path / "world" / "lake" / "images").iterdir())
+    lake = _write_rows(tmp_path / "rows" / "lake", [S.make_ok_row(str(img), np.zeros((64, 64), np.int64),
+                                                                  np.full((64, 64), 0.4, np.float32),
+                                                                  list(CLASS_NAMES), "m", "v")])
+    write_truth_labels(world["labelled"], lake, str(tmp_path / "rows" / "labelled"))
+    listing = list_label_samples(LabelSourceSpec.from_options(str(tmp_path / "rows"), {"most_confident": 0.75}))
+    assert len(listing.samples) == 3 and all("/labelled/" in s.image for s in listing.samples)  # confidence 1 first
+    for s in listing.samples:
+        image, label = listing.reader(s, len(CLASS_NAMES))
+        truth = np.array(Image.open(tmp_path / "world" / "labelled" / "labels" / (s.image.rsplit("/", 1)[1][:-4] + ".png")))
+        known = truth != 255
+        assert image.shape[:2] == truth.shape and (label[known] == truth[known]).all()
+        assert 0 < (~known).sum() and set(np.unique(label[~known])) <= set(range(len(CLASS_NAMES)))

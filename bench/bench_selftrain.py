@@ -1,0 +1,144 @@
+"""Self-training recipes side by side in one process: which fine-tune helps, and by how much more than
+spending the same iterations on the labelled images alone (the control).
+
+Why: a Ray round of ``pipeline/selftrain.py`` costs two training jobs and three labelling jobs; comparing
+recipes that way on 2 shared cores is hours. Here every variant fine-tunes from the same base weights
+in this process, with the pieces the training job uses (``pipeline.train.build_training_model``,
+``build_optimizer``, ``PolyLR``, ``EBSegCriterion``, ``TrainSampleDataset`` augmentation, gradient
+clipping; one worker, no Ray), and the held-out images are scored as ``ebseg evaluate --labels`` scores
+(``SemSegEvaluator``). The pseudo-labels are ``model.segment``'s label maps; image-level confidence is
+the mean of its confidence map, as ``most_confident`` ranks label rows.
+
+Variants (each ``--finetune-iters`` iterations at ``--finetune-lr`` from the base):
+  recipe   the most confident half of the lake's pseudo-labels + the labelled images' truth
+  control  the labelled images alone
+  all_lake every lake image's pseudo-labels + the labelled truth (what image selection adds)
+
+Usage:  python -m bench.bench_selftrain --seeds 0 1 2      (one process per seed runs them in parallel)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ebseg_core.criterion import EBSegCriterion  # noqa: E402
+from ebseg_core.data.synthetic import blob_image  # noqa: E402
+from ebseg_core.evaluation import SemSegEvaluator  # noqa: E402
+from ebseg_core.train_data import Sample, TrainSampleDataset, collate_train  # noqa: E402
+from ebseg_core.vocabulary import Vocabulary  # noqa: E402
+from pipeline.selftrain import BLOB_CONFIG, CLASS_NAMES, WORLD_SIZES, SelfTrainConfig  # noqa: E402
+from pipeline.train import PolyLR, _LossModule, build_optimizer, build_training_model, load_config  # noqa: E402
+
+K = len(CLASS_NAMES)
+VOCAB = Vocabulary.parse(",".join(CLASS_NAMES))
+
+
+def world(seed: int, n: int, offset: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The images ``pipeline.selftrain.write_world`` writes for this seed and set (0 labelled, 1 lake, 2 held out)."""
+    base = seed * 100_000 + offset * 10_000
+    return [blob_image(*WORLD_SIZES[i % len(WORLD_SIZES)], base + i, num_classes=K) for i in range(n)]
+
+
+def train(items, iters: int, lr: float, seed: int, init: dict | None = None) -> torch.nn.Module:
+    """The training job's loop on one worker over in-memory (image, label) pairs."""
+    cfg = load_config(BLOB_CONFIG, [f"solver.max_iter={iters}", f"solver.base_lr={lr}"])
+    torch.manual_seed(seed)
+    model = build_training_model(cfg.model)
+    if init is not None:
+        model.load_state_dict(init)
+        model.weights_changed()
+    model.train()
+    module = _LossModule(model, EBSegCriterion(K, cfg.criterion), VOCAB)
+    opt = build_optimizer(model, cfg.solver)
+    sched = PolyLR(opt, cfg.solver)
+
+    def read(sample, num_classes=None, storage_options=None):
+        image, label = items[int(sample.image)]
+        return image, label.astype(np.int64)
+
+    data = TrainSampleDataset([Sample(str(i), str(i)) for i in range(len(items))], K, cfg.augment, seed=seed,
+                              reader=read)
+    params = [p for p in model.parameters() if p.requires_grad]
+    bs = cfg.solver.ims_per_batch
+    for it in range(iters):
+        images, targets, _ = collate_train([data[it * bs + j] for j in range(bs)])
+        total = sum(module(images, targets).values())
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.solver.clip_grad_norm)
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+def label(model, items) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(label map, confidence) per image; the confidence rounded to float16 as label Parquet stores it."""
+    with torch.no_grad():
+        res = model.segment([img for img, _ in items], VOCAB, batch_size=8)
+    return [(r.label_map.numpy(), r.confidence.numpy().astype(np.float16).astype(np.float32)) for r in res]
+
+
+def miou(preds, items) -> float:
+    ev = SemSegEvaluator(K, 255)
+    for (lab, _), (_, truth) in zip(preds, items):
+        ev.process(lab.astype(np.int64), truth.astype(np.int64))
+    return float(ev.compute()["mIoU"])
+
+
+def run_seed(seed: int, cfg: SelfTrainConfig, log=print) -> dict:
+    labelled, lake, held = world(seed, cfg.labelled, 0), world(seed, cfg.lake, 1), world(seed, cfg.held_out, 2)
+    t0 = time.perf_counter()
+    base_lr = load_config(BLOB_CONFIG, []).solver.base_lr
+    base = train(labelled, cfg.base_iters, base_lr, seed)
+    state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    pseudo = label(base, lake)
+    out = {"seed": seed, "before": miou(label(base, held), held), "lake": miou(pseudo, lake)}
+    order = np.argsort([-conf.mean() for _, conf in pseudo], kind="stable")
+    top = order[: int(np.ceil(cfg.most_confident * len(order)))]  # most confident first
+    out["lake_kept"] = miou([pseudo[i] for i in top], [lake[i] for i in top])
+    rows = [(lake[i][0], pseudo[i][0].astype(np.uint8)) for i in range(len(lake))]
+    variants = {"recipe": [rows[i] for i in top] + labelled, "control": labelled, "all_lake": rows + labelled}
+    log(f"seed {seed}: base {out['before']:.1f}, pseudo-labels {out['lake']:.1f} (kept {out['lake_kept']:.1f}); "
+        f"{time.perf_counter() - t0:.0f} s")
+    for name, items in variants.items():
+        tuned = train(items, cfg.finetune_iters, cfg.finetune_lr, seed + 1, init=state)
+        out[name] = miou(label(tuned, held), held)
+        log(f"seed {seed}: {name} {out[name]:.1f}; {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--base-iters", type=int, default=SelfTrainConfig.base_iters)
+    p.add_argument("--finetune-iters", type=int, default=SelfTrainConfig.finetune_iters)
+    p.add_argument("--finetune-lr", type=float, default=SelfTrainConfig.finetune_lr)
+    p.add_argument("--most-confident", type=float, default=SelfTrainConfig.most_confident)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = SelfTrainConfig("", base_iters=args.base_iters, finetune_iters=args.finetune_iters,
+                          finetune_lr=args.finetune_lr, most_confident=args.most_confident)
+    results = [run_seed(s, cfg) for s in args.seeds]
+    print("seed  before  recipe  control  all_lake  recipe-control")
+    for r in results:
+        print(f"{r['seed']:>4}  {r['before']:6.1f}  {r['recipe']:6.1f}  {r['control']:7.1f}  {r['all_lake']:8.1f}  "
+              f"{r['recipe'] - r['control']:+14.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
