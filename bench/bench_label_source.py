@@ -102,7 +102,7 @@ def main() -> None:
             list_s = time.perf_counter() - t0
             reader = listing.reader
             reader.cache_row_groups = args.cache
-            ms = time_reads(lambda s: reader(s, 12), listing.samples, order)
+            ms = time_reads(lambda s, read=reader: read(s, 12), listing.samples, order)
             cols = ["label_png"] + (["confidence_png"] if threshold is not None else [])
             mb = column_mb_per_group(url, ["image_id"] + cols) * reader.row_group_reads / (3 * len(order))
             print(f"label Parquet, threshold {threshold!s:>4}:   {ms:7.1f} ms/sample  {mb:6.2f} MB read/sample  "

@@ -23,6 +23,7 @@ that say little about a precision).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import resource
@@ -92,7 +93,8 @@ def forward_gflop(model, image: np.ndarray, vocab, dtype: torch.dtype | None) ->
 
 def profile(run, title: str, rows: int = 25) -> None:
     """Top operators by self CPU time of one forward (what to optimise next)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
@@ -132,7 +134,7 @@ def bench_preset(preset: str, args, norm, rates: dict) -> None:
         for size in args.sizes:
             h, w = size
             image = random_image(h, w)
-            run = lambda: model.segment([image], vocab, batch_size=1, precision=precision)  # noqa: E731
+            run = functools.partial(model.segment, [image], vocab, batch_size=1, precision=precision)
             run()  # warm-up (allocator, lazy init)
             if args.profile:
                 profile(run, f"{preset} {precision} {h}x{w}")
@@ -157,7 +159,7 @@ def bench_preset(preset: str, args, norm, rates: dict) -> None:
                 print(f"  normaliser (SAM ViT-B encoder, 1024x1024, fp32): {n:.3f} s (min of {len(norms)}: "
                       f"{', '.join(f'{t:.2f}' for t in norms)}); ours/normaliser {ratio:.3f}"
                       + (f"; ours/official {ratio / OFFICIAL_OVER_NORMALISER:.2f}" if preset == "ebseg-b" else ""))
-    del model
+    del model, run  # run (a bound segment) holds the model too
     gc.collect()
 
 

@@ -30,8 +30,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_model import (forward_gflop, matmul_gflops, random_image, sync, timed,  # noqa: E402
-                               train_tiny, use_random_text_embeddings)
+from bench.bench_model import (  # noqa: E402
+    forward_gflop,
+    matmul_gflops,
+    random_image,
+    timed,
+    train_tiny,
+    use_random_text_embeddings,
+)
 
 
 class Table:
@@ -160,9 +166,9 @@ def pipeline_cpu_cost(table: Table, size: tuple[int, int], names: list[str], rep
 
     from PIL import Image
 
+    from ebseg_core.data.synthetic import blob_image
     from pipeline.images import decode_image
     from pipeline.schema import make_ok_row
-    from ebseg_core.data.synthetic import blob_image
 
     rgb, label = blob_image(*size, seed=3, num_classes=min(len(names), 20), ignore_boundary=False)
     buf = io.BytesIO()

@@ -176,7 +176,7 @@ def load_sam_weights(model: EBSeg, checkpoint: str) -> None:
     model.load_state_dict(mapped, strict=False)
 
 
-def build_model(config: EBSegConfig | str = "ebseg-b", checkpoint: "str | ResolvedCheckpoint | None" = None,
+def build_model(config: EBSegConfig | str = "ebseg-b", checkpoint: str | ResolvedCheckpoint | None = None,
                 device: str | torch.device | None = None) -> EBSeg:
     """An EBSeg model from a preset name or config, with an official/our checkpoint if given.
 
@@ -306,7 +306,7 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def preset_shapes(preset: str) -> dict[str, tuple[int, ...]]:
     """name -> shape of a preset's state dict (built on the meta device: no memory, well under a second)."""
     with torch.device("meta"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -229,13 +230,14 @@ class CLIPRecognitionHead(nn.Module):
         sos = tokens[:1].repeat(q, 1, 1)
         x = torch.cat([sos, tokens], dim=0)
         mask = self.build_attn_bias(attn_bias, (h, w)).to(x.dtype)
+        blocks = cast(list[SurgeryBlock], list(self.resblocks))
         if inference:
             surg_tokens = clip_out["surgery"]
             s = torch.cat([surg_tokens[:1].repeat(q, 1, 1), surg_tokens], dim=0)
-            for block in self.resblocks:
+            for block in blocks:
                 s, x = block.forward_dual(s, x, mask)
         else:
-            for block in self.resblocks:
+            for block in blocks:
                 x = block.forward_plain(x, mask)
         emb = F.normalize(self.ln_post(x[:q].permute(1, 0, 2)) @ self.proj, dim=-1)
         if not inference:

@@ -134,7 +134,8 @@ class AdaBDecoder(nn.Module):
             QuerySelfAttention(hidden, d.num_heads) for _ in range(d.num_layers))
         self.transformer_cross_attention_layers = nn.ModuleList(
             MaskedCrossAttention(hidden, d.num_heads) for _ in range(d.num_layers))
-        self.transformer_ffn_layers = nn.ModuleList(QueryFeedForward(hidden, d.dim_feedforward) for _ in range(d.num_layers))
+        self.transformer_ffn_layers = nn.ModuleList(
+            QueryFeedForward(hidden, d.dim_feedforward) for _ in range(d.num_layers))
         for layers in (self.transformer_self_attention_layers, self.transformer_cross_attention_layers,
                        self.transformer_ffn_layers):
             for p in layers.parameters():
@@ -220,6 +221,7 @@ class AdaBDecoder(nn.Module):
         product instead of a C -> heads*C projection of every pixel followed by the dot product.
         """
         last = self.attn_proj.layers[-1]
+        assert isinstance(last, nn.Linear)
         b, q, c = mask_embed.shape
         heads = self.num_clip_heads
         w_last = last.weight.reshape(heads, c, -1)  # [heads, C_out, C_in]

@@ -101,6 +101,11 @@ def device_resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 class EBSeg(nn.Module):
+    pixel_mean: torch.Tensor  # buffers (CLIP and SAM input normalisation), registered in __init__
+    pixel_std: torch.Tensor
+    sam_pixel_mean: torch.Tensor
+    sam_pixel_std: torch.Tensor
+
     def __init__(self, cfg: EBSegConfig):
         super().__init__()
         cfg.validate()
@@ -168,7 +173,8 @@ class EBSeg(nn.Module):
         key = vocab.id
         if key in self._text_cache:
             return self._text_cache[key]
-        path = text_cache_dir() / f"{self._fingerprint()}-{hashlib.sha1(repr(vocab.names).encode()).hexdigest()[:20]}.pt"
+        names_hash = hashlib.sha1(repr(vocab.names).encode()).hexdigest()[:20]
+        path = text_cache_dir() / f"{self._fingerprint()}-{names_hash}.pt"
         emb = None
         if path.is_file():
             try:
@@ -326,7 +332,8 @@ class EBSeg(nn.Module):
     def prepare_image(self, image: np.ndarray) -> torch.Tensor:
         """HxWx3 uint8 RGB -> CHW float tensor resized as the official test mapper (PIL bilinear)."""
         check_rgb(image)
-        size = resized_shape(*image.shape[:2], self.config.test_min_size, self.config.test_max_size)
+        h, w = image.shape[:2]
+        size = resized_shape(h, w, self.config.test_min_size, self.config.test_max_size)
         return torch.from_numpy(pil_resize(image, size)).permute(2, 0, 1).float()
 
     def _model_input(self, image: np.ndarray, size: tuple[int, int], resize: str) -> torch.Tensor:
@@ -361,7 +368,7 @@ class EBSeg(nn.Module):
         for img in images:
             check_rgb(img)
         if output_sizes is None:
-            sizes = [resized_shape(*img.shape[:2], self.config.test_min_size, self.config.test_max_size)
+            sizes = [resized_shape(img.shape[0], img.shape[1], self.config.test_min_size, self.config.test_max_size)
                      for img in images]
         else:
             sizes = [tuple(img.shape[:2]) for img in images]

@@ -172,11 +172,11 @@ class MSDeformAttnPixelDecoder(nn.Module):
         d, g = cfg.conv_dim, cfg.num_groups
         self.transformer_in_features = ("res3", "res4", "res5")
         # Ordered res5 -> res3 (low to high resolution), as the official module list.
-        self.input_proj = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(in_channels, d, kernel_size=1), nn.GroupNorm(g, d)) for _ in range(3))
-        for proj in self.input_proj:
-            nn.init.xavier_uniform_(proj[0].weight, gain=1)
-            nn.init.zeros_(proj[0].bias)
+        convs = [nn.Conv2d(in_channels, d, kernel_size=1) for _ in range(3)]
+        for conv in convs:
+            nn.init.xavier_uniform_(conv.weight, gain=1)
+            nn.init.zeros_(conv.bias)  # type: ignore[arg-type]  # a Conv2d made with bias=True has one
+        self.input_proj = nn.ModuleList(nn.Sequential(conv, nn.GroupNorm(g, d)) for conv in convs)
         self.transformer = MSDeformAttnTransformer(d, cfg.num_heads, cfg.encoder_layers, cfg.dim_feedforward,
                                                    n_levels=3, n_points=cfg.num_points)
         self.pe_layer = SinePositionEncoding(d // 2)

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from .errors import UserError
 from PIL import Image
 
+from .errors import UserError
 from .model import resized_shape
 
 OFFICIAL_MIN_SIZES = (320, 480, 640, 800, 960, 1120)
@@ -48,7 +47,7 @@ def _resize_bilinear(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """PIL bilinear resize of a uint8 HxWx3 image (detectron2's ResizeTransform for uint8 images)."""
     if tuple(image.shape[:2]) == tuple(hw):
         return image
-    return np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.BILINEAR))
+    return np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.Resampling.BILINEAR))
 
 
 def tta_views(model, image: np.ndarray, config: TTAConfig = TTAConfig()) -> Iterator[tuple[np.ndarray, bool]]:

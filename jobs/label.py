@@ -98,8 +98,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--max-bytes", type=_positive_int, default=256 * 1024 * 1024, metavar="N",
                      help="refuse files above N bytes as too_large (default: %(default)s)")
     run.add_argument("--read-retries", type=int, default=6, metavar="N",
-                     help="retries of a transient storage error (503, SlowDown, timeout) per file (default: %(default)s)")
-    parser.add_argument("--retry-errors", type=_error_kinds, nargs="?", const=_ALL_KINDS, default=(), metavar="KIND,...",
+                     help="retries of a transient storage error (503, SlowDown, timeout) per file "
+                          "(default: %(default)s)")
+    parser.add_argument("--retry-errors", type=_error_kinds, nargs="?", const=_ALL_KINDS, default=(),
+                        metavar="KIND,...",
                         help="relabel the error rows of these kinds (all kinds when none is named) in an existing "
                              "output, e.g. 'read' after a storage outage; each input keeps exactly one row. "
                              f"Kinds: {_ALL_KINDS_TEXT}")
@@ -127,7 +129,8 @@ def config_from_args(args: argparse.Namespace):
         num_actors=args.num_actors, num_gpus_per_actor=args.num_gpus_per_actor,
         num_cpus_per_actor=args.num_cpus_per_actor, actor_resources=dict(args.actor_resource),
         batch_size=args.batch_size, inference_size=args.inference_size,
-        inference_max_size=args.inference_max_size, precision=args.precision, shard_size=args.shard_size, max_pixels=args.max_pixels,
+        inference_max_size=args.inference_max_size, precision=args.precision, shard_size=args.shard_size,
+        max_pixels=args.max_pixels,
         max_bytes=args.max_bytes, read_retries=args.read_retries, progress_interval_s=args.progress_interval,
         progress_bars=args.progress_bars, retry_errors=tuple(args.retry_errors),
         relabel_changed=args.relabel_changed,

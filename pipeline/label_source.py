@@ -157,7 +157,7 @@ def list_label_samples(spec: LabelSourceSpec) -> LabelListing:
                 for r, (iid, status) in enumerate(zip(t.column(0).to_pylist(), t.column(1).to_pylist())):
                     if status == S.STATUS_OK and iid in uri_of:
                         where[iid] = (fi, rg, r)
-    order = sorted(where, key=where.get)
+    order = sorted(where, key=lambda image_id: where[image_id])
     samples = [Sample(uri_of[i], label_ref(_file_url(ds.url, ds.files[where[i][0]]), where[i][1], where[i][2], i))
                for i in order]
     from ebseg_core.data.benchmarks import parse_class_list

@@ -127,7 +127,7 @@ class FlakyProxy:
         with self._lock:
             self.max_failures = self.injected
 
-    def start(self) -> "FlakyProxy":
+    def start(self) -> FlakyProxy:
         self._started = True
         self._thread.start()
         self._timer.start()
@@ -143,7 +143,7 @@ class FlakyProxy:
             self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> "FlakyProxy":
+    def __enter__(self) -> FlakyProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:

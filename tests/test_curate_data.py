@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline import schema as S
 from ebseg_core.data.synthetic import DEFAULT_SIZES, blob_image, write_blob_images
+from pipeline import schema as S
 
 NAMES = ["sky", "grass", "tree", "road", "car", "edge"]
 SYNONYMS = [["sky"], ["grass", "lawn", "turf"], ["tree"], ["road", "street"], ["car", "automobile"], ["edge"]]
@@ -36,7 +36,7 @@ def build_label_dataset(s3, prefix: str, n_images: int = 18, n_files: int = 3, s
     lake = prefix + "lake"
     uris = write_blob_images(lake, n_images, num_classes=5, seed=seed, with_labels=False)
     rng = np.random.default_rng(seed)
-    at = dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    at = dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
     rows, labels, confs = [], {}, {}
     for i, uri in enumerate(uris):
         h, w = DEFAULT_SIZES[i % len(DEFAULT_SIZES)]

@@ -28,8 +28,8 @@ import pytest
 from PIL import Image
 
 from ebseg_core.data.synthetic import blob_image
-from pipeline.label import LabelConfig, LabelError, build_dataset, run_label
 from ebseg_core.storage import WriteError
+from pipeline.label import LabelConfig, LabelError, build_dataset, run_label
 from pipeline.listing import InputSpec, build_plan, read_plan_shard, unique_in_order
 from tests.helpers import free_port, kill_processes_mentioning
 

@@ -11,8 +11,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ebseg_core.train_data import (AugmentConfig, DatasetError, DatasetSpec, augment, instances_from_label,
-                                   list_dataset, read_sample)
+from ebseg_core.train_data import (
+    AugmentConfig,
+    DatasetError,
+    DatasetSpec,
+    augment,
+    instances_from_label,
+    list_dataset,
+    read_sample,
+)
 from pipeline import curate as C
 from pipeline import schema as S
 from pipeline.label_source import LabelRowReader, LabelSourceSpec, list_label_samples, parse_label_ref

@@ -11,9 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from ebseg_core import (CheckpointError, EBSeg, Vocabulary, build_model, load_open_clip_weights,
-                        load_sam_weights, preset_config)
-from ebseg_core import parity
+from ebseg_core import (
+    CheckpointError,
+    EBSeg,
+    Vocabulary,
+    build_model,
+    load_open_clip_weights,
+    load_sam_weights,
+    parity,
+    preset_config,
+)
 from ebseg_core.data.synthetic import blob_image
 
 REFERENCE = Path(os.environ.get("EBSEG_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))

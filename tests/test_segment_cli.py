@@ -7,10 +7,10 @@ import json
 import numpy as np
 from PIL import Image
 
+from ebseg_core.data.synthetic import blob_image
 from jobs import segment
 from jobs.cli import module_main
 from pipeline.schema import decode_label_png
-from ebseg_core.data.synthetic import blob_image
 
 
 def test_segment_writes_labels_and_overlays(tmp_path, capsys):

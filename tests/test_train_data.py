@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ebseg_core.data.synthetic import write_blob_images
 from ebseg_core.train_data import (
     AugmentConfig,
     DatasetError,
@@ -15,6 +16,8 @@ from ebseg_core.train_data import (
     Sample,
     ShardedSamples,
     TrainSampleDataset,
+    _hsv_cv_to_rgb,
+    _rgb_to_hsv_cv,
     augment,
     collate_train,
     instances_from_label,
@@ -23,10 +26,7 @@ from ebseg_core.train_data import (
     read_sample,
     shard_positions,
     write_sample_shards,
-    _hsv_cv_to_rgb,
-    _rgb_to_hsv_cv,
 )
-from ebseg_core.data.synthetic import write_blob_images
 
 
 def _generic(tmp_path, n=6, num_classes=4, names=None):
@@ -208,8 +208,8 @@ def test_more_than_255_classes_use_16bit_labels_with_65535_ignore(tmp_path):
 def test_training_job_takes_the_prompt_of_a_prompt_bar_synonyms_class_file(tmp_path):
     """`ebseg train`'s driver builds the vocabulary from class_names.txt with its prompts: the name
     before '|' goes into the templates, the synonyms after it only decide seen/unseen."""
-    from pipeline.train import load_config, prepare
     from ebseg_core.vocabulary import Vocabulary
+    from pipeline.train import load_config, prepare
 
     spec = _generic(tmp_path, names=["road, route|road;route", "sky;clouds", "tree", "grass"])
     cfg = load_config(str(Path(__file__).resolve().parent.parent / "configs" / "tiny_generic.yaml"),
