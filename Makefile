@@ -39,7 +39,7 @@ demo: setup
 	.venv/bin/ebseg label --input $(DEMO)/world/lake/images --output $(DEMO)/labels \
 	    --vocabulary wall,sky,tree,grass --checkpoint $(DEMO)/runs/demo
 	.venv/bin/ebseg curate stats $(DEMO)/labels
-	.venv/bin/python scripts/demo_world.py score $(DEMO)/labels $(DEMO)/world/lake
+	.venv/bin/ebseg evaluate --labels $(DEMO)/labels --dataset generic --root $(DEMO)/world/lake
 	.venv/bin/ebseg curate report $(DEMO)/labels --out $(DEMO)/report.html
 	@echo "demo: labels in $(DEMO)/labels/, weights in $(DEMO)/runs/demo/, HTML report: $(DEMO)/report.html"
 

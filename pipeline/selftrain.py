@@ -90,28 +90,16 @@ def write_world(root: str, cfg: SelfTrainConfig) -> dict[str, str]:
     return out
 
 
-def score_labels(labels_url: str, truth_root: str, num_classes: int) -> float:
-    """mIoU (%) of label Parquet rows against a generic-layout truth (pairs by file-name stem)."""
-    import pyarrow.dataset as pads
+def score_labels(labels_url: str, truth_root: str) -> float:
+    """mIoU (%) of label Parquet rows against a generic-layout truth, as `ebseg evaluate --labels URL
+    --dataset generic --root TRUTH` scores them; a truth image without a label row is an error."""
+    from pipeline.evaluate import evaluate_labels
 
-    from ebseg_core.evaluation import SemSegEvaluator
-    from pipeline.evaluate import read_label
-    from pipeline.schema import decode_label_png, list_parquet_files
-
-    files, fs = list_parquet_files(labels_url)
-    ev = SemSegEvaluator(num_classes, 255)
-    truth = {p.stem: p for p in Path(truth_root, "labels").glob("*.png")}
-    seen = set()
-    for rb in pads.dataset(files, format="parquet", filesystem=fs).to_batches(columns=["uri", "status", "label_png"]):
-        d = rb.to_pydict()
-        for uri, status, png in zip(d["uri"], d["status"], d["label_png"]):
-            stem = Path(uri).stem
-            if stem in truth and status == "ok" and stem not in seen:
-                seen.add(stem)
-                ev.process(decode_label_png(png).astype(np.int64), read_label(str(truth[stem])))
-    if seen != set(truth):
-        raise RuntimeError(f"{len(set(truth) - seen)} truth images have no label row in {labels_url}")
-    return float(ev.compute()["mIoU"])
+    report = evaluate_labels(labels_url, "generic", truth_root, log=lambda line: None)
+    result = report.results[0]
+    if result.errors:
+        raise RuntimeError(f"{len(result.errors)} truth images are not scored: {result.errors[0]}")
+    return float(result.metrics["mIoU"])
 
 
 def write_truth_labels(truth_root: str, like_labels: str, out: str) -> str:
@@ -159,7 +147,6 @@ def run_selftrain(cfg: SelfTrainConfig, log: Callable[[str], None] = print) -> S
     runs = os.path.join(work, "runs")
     common = [f"run.storage_path={runs}", f"run.seed={cfg.seed}", *cfg.overrides]
     vocabulary = ",".join(CLASS_NAMES)
-    k = len(CLASS_NAMES)
 
     def label(checkpoint: str, images: str, out: str) -> str:
         run_label(LabelConfig(output=out, input=os.path.join(images, "images"), vocabulary=vocabulary,
@@ -180,8 +167,8 @@ def run_selftrain(cfg: SelfTrainConfig, log: Callable[[str], None] = print) -> S
     rows = os.path.join(work, "labels", "finetune")  # the fine-tune's label dataset: the lake (+ the truth)
     lake_labels = label(base, world["lake"], os.path.join(rows, "lake"))
     before = score_labels(label(base, world["held_out"], os.path.join(work, "labels", "held_base")),
-                          world["held_out"], k)
-    lake_before = score_labels(lake_labels, world["lake"], k)
+                          world["held_out"])
+    lake_before = score_labels(lake_labels, world["lake"])
     if cfg.mix_labelled:
         write_truth_labels(world["labelled"], lake_labels, os.path.join(rows, "labelled"))
 
@@ -194,13 +181,13 @@ def run_selftrain(cfg: SelfTrainConfig, log: Callable[[str], None] = print) -> S
     tuned = finetune("tuned", ["data.layout=labels", f"data.train={rows}", f"data.labels={json.dumps(query)}"])
     log("[selftrain] relabelling the held-out set with the fine-tuned model")
     after = score_labels(label(tuned, world["held_out"], os.path.join(work, "labels", "held_tuned")),
-                         world["held_out"], k)
+                         world["held_out"])
     control = None
     if cfg.control:
         log("[selftrain] control: the same fine-tune on the labelled images alone")
         ctrl = finetune("control", [f"data.train={world['labelled']}"])
         control = score_labels(label(ctrl, world["held_out"], os.path.join(work, "labels", "held_control")),
-                               world["held_out"], k)
+                               world["held_out"])
     result = SelfTrainResult(before, after, lake_before, selected, control, time.perf_counter() - t0, base, tuned)
     log(f"[selftrain] seed {cfg.seed}: held-out mIoU {before:.1f} -> {after:.1f} ({result.gain:+.1f})"
         + (f", control {control:.1f}" if control is not None else "")
