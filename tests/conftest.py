@@ -18,6 +18,8 @@ Fixtures
                         two variables a client needs: ``RAY_AUTH_MODE=token`` and
                         ``RAY_AUTH_TOKEN_PATH``), ``env`` (the head's environment, auth included),
                         ``client()`` (an authenticated ``JobSubmissionClient``), ``log_tail()``.
+``two_nodes`` (session) the one multi-node cluster: ``ray start`` head + second node on loopback, 4 CPUs and
+                        one ``test_node`` resource each; yields ``(address, env, slowness)``.
 ``blob_corpus`` (function) six blob images + label PNGs in a temp dir (see ebseg_core/data/synthetic.py).
 
 Ray: one process can be connected to only one cluster at a time, and ``ray_local`` connects this
@@ -55,7 +57,7 @@ _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
-from tests.helpers import REPO_ROOT, free_port, port_open, stop_head  # noqa: E402 - needs the repo on sys.path
+from tests.helpers import REPO_ROOT, free_port, machine_slowness, port_open, ray_exe, stop_head  # noqa: E402 - needs the repo on sys.path
 
 # Ray: no usage-stats upload attempts (the machine has no internet), and no pre-started idle worker
 # processes (one per logical CPU by default: 8 Python processes competing for 2 cores at start-up).
@@ -332,6 +334,77 @@ def ray_head(s3, tmp_path_factory):
             print(f"ray_head logs kept in {temp_dir} (EBSEG_KEEP_RAY_LOGS set)")
         else:
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def two_nodes(s3, tmp_path_factory):
+    """The one multi-node test cluster: a head node and a second node (4 logical CPUs and one ``test_node``
+    resource each, so a job can place one actor per node) started with `ray start` on loopback.
+
+    Yields (address, env, slowness): a driver joins with ``env`` and ``RAY_ADDRESS=address``; waits are
+    quiet-machine values scaled by ``slowness`` (:func:`tests.helpers.machine_slowness`).
+    """
+    env = {
+        **os.environ,
+        **s3.env,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",  # loopback test cluster: no token files to distribute between nodes
+        "RAY_raylet_start_wait_time_s": "180",  # 2 shared cores: node registration can be slow
+        "PYTHONPATH": os.pathsep.join(p for p in [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")] if p),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="rayt", dir="/tmp")
+    logs = tmp_path_factory.mktemp("two_nodes")
+    port = free_port()
+
+    def node(extra: list[str], name: str) -> subprocess.Popen:
+        cmd = [
+            ray_exe(), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=4",
+            "--object-store-memory=400000000", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}", '--resources={"test_node": 1}', *extra,
+        ]  # fmt: skip
+        return subprocess.Popen(
+            cmd, env=env, stdout=open(logs / f"{name}.log", "wb"), stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(REPO_ROOT),
+        )  # fmt: skip
+
+    slowness = machine_slowness()
+    head = node(["--head", f"--port={port}", "--include-dashboard=false", f"--ray-client-server-port={free_port()}"], "head")
+    procs = [head]
+    try:
+        address = f"127.0.0.1:{port}"
+
+        def status() -> str:
+            return subprocess.run(
+                [ray_exe(), "status", f"--address={address}"], env=env, capture_output=True, text=True
+            ).stdout
+
+        started = time.time()
+        deadline = started + 240 * slowness  # a quiet head is up in ~15 s
+        while "node_" not in status():  # the head must be up before a second node can join
+            if time.time() > deadline or head.poll() is not None:
+                raise RuntimeError(f"ray head not ready after {time.time() - started:.0f} s (slowness "
+                                   f"{slowness:.1f}):\n{(logs / 'head.log').read_text()[-3000:]}")
+            time.sleep(2)
+        head_s = time.time() - started
+        procs.append(node([f"--address={address}", "--min-worker-port=21000", "--max-worker-port=21999"], "worker"))
+        deadline = time.time() + max(240 * slowness, 8 * head_s)  # a second node takes about what the head took
+        while True:
+            out = status()
+            if out.count("node_") >= 2 and "8.0 CPU" in out.replace("0.0/8.0 CPU", "8.0 CPU"):
+                break
+            if time.time() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"two-node cluster not ready (head took {head_s:.0f} s, slowness {slowness:.1f}):"
+                                   f"\n{out}\n{(logs / 'head.log').read_text()[-3000:]}")
+            time.sleep(2)
+        yield address, env, slowness
+    finally:
+        for p in reversed(procs):
+            stop_head(p, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------- corpus

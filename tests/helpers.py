@@ -1,4 +1,5 @@
-"""Helpers that tests import: the repository root, free ports, and stopping test Ray clusters.
+"""Helpers that tests import: the repository root, free ports, the ray CLI, the machine's slowness, and
+stopping test Ray clusters.
 
 (pytest's conftest.py keeps only fixtures and hooks; modules import what they need from here.)
 """
@@ -6,9 +7,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -71,3 +74,17 @@ def kill_processes_mentioning(marker: str, within_s: float = 10.0) -> None:
             except ProcessLookupError:
                 pass
         time.sleep(0.2)
+
+
+def ray_exe() -> str:
+    exe = Path(sys.executable).parent / "ray"
+    return str(exe if exe.exists() else shutil.which("ray"))
+
+
+def machine_slowness() -> float:
+    """How much slower than quiet this machine is now: the wall time of a fresh ``import ray`` over the 2 s
+    it takes at most on 2 quiet cores (measured 0.8 s CPU; 9.3 s wall at load average 40). Waits are
+    quiet-machine figures times this, so a busy CI machine gets proportionally longer, never shorter."""
+    t0 = time.time()
+    subprocess.run([sys.executable, "-c", "import ray"], check=True, capture_output=True)
+    return max(1.0, (time.time() - t0) / 2.0)

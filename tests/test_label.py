@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -320,41 +319,17 @@ def test_ray_job_submit(ray_head, s3, s3_prefix, corpus):
     check_rows(read_output(s3, s3_prefix), expected)
 
 
-TWO_NODE_SCRIPT = textwrap.dedent("""
-    import json, sys
-    import ray
-    from ray.cluster_utils import Cluster
-    from pipeline.label import LabelConfig, run_label
-
-    cfg = LabelConfig(**json.loads(sys.argv[1]))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "resources": {"labeler": 1},
-                      "include_dashboard": False})
-    cluster.add_node(num_cpus=4, resources={"labeler": 1})
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-    s = run_label(cfg)
-    ray.shutdown()
-    cluster.shutdown()
-    print("RESULT", json.dumps({"complete": s.complete, "processed": s.processed}))
-""")
-
-
-def test_two_node_cluster_same_rows(s3, corpus, reference_run, tmp_path):
+def test_two_node_cluster_same_rows(two_nodes, s3, corpus, reference_run):
     """Two model actors that need a resource each node has once -> one actor per node; same rows as one node."""
+    address, env, slowness = two_nodes
     input_url, expected = corpus
     one = reference_run[0]
     two = s3.url(f"two-node-{os.getpid()}/")
-    cfg = dict(input=input_url, output=two, vocabulary=VOCAB, preset="ebseg-tiny", random_weights=True,
-               inference_size=32, inference_max_size=64, batch_size=4, shard_size=5, progress_bars=False,
-               num_actors=2, num_cpus_per_actor=1.0, actor_resources={"labeler": 1.0})
-    ray_tmp = tempfile.mkdtemp(prefix="r2", dir="/tmp")
-    try:
-        res = subprocess.run([sys.executable, "-c", TWO_NODE_SCRIPT, json.dumps(cfg)], cwd=REPO,
-                             env=job_env(s3, ray_tmp), capture_output=True, text=True, timeout=300)
-    finally:
-        kill_processes_mentioning(ray_tmp)
-    assert res.returncode == 0 and "RESULT" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    cmd = job_cmd(input_url, two, "--batch-size", "4", "--shard-size", "5", "--num-actors", "2",
+                  "--num-cpus-per-actor", "1", "--actor-resource", "test_node=1")
+    res = subprocess.run(cmd, cwd=REPO, env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True,
+                         timeout=300 * slowness)
+    assert res.returncode == 0 and "[label] complete:    yes" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
     a, b = read_output(s3, one), read_output(s3, two)
     check_rows(b, expected)
     ra = {r["uri"]: r for r in a.to_pylist()}

@@ -8,11 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from ebseg_core.data.synthetic import write_blob_images
 from ebseg_core.evaluation import SemSegEvaluator
 from ebseg_core.solver import SolverConfig, param_groups, poly_lr_factor
 from pipeline.train import ConfigError, apply_overrides, config_from_dict, load_config, load_train_state, prepare
-from tests.helpers import REPO_ROOT, free_port, stop_head
+from tests.helpers import REPO_ROOT, ray_exe
 
 CONFIGS = REPO_ROOT / "configs"
 CLASS_NAMES = "wall\nsky;heaven\ntree\ngrass\n"
@@ -174,89 +172,6 @@ def test_worker_payload_does_not_grow_with_the_sample_count(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ slow
-def _ray_exe() -> str:
-    exe = Path(sys.executable).parent / "ray"
-    return str(exe if exe.exists() else shutil.which("ray"))
-
-
-def _slowness() -> float:
-    """How much slower than quiet this machine is now: the wall time of a fresh ``import ray`` over the 2 s
-    it takes at most on 2 quiet cores (measured 0.8 s CPU; 9.3 s wall at load average 40). Waits are
-    quiet-machine figures times this, so a busy CI machine gets proportionally longer, never shorter."""
-    t0 = time.time()
-    subprocess.run([sys.executable, "-c", "import ray"], check=True, capture_output=True)
-    return max(1.0, (time.time() - t0) / 2.0)
-
-
-@pytest.fixture(scope="module")
-def two_nodes(s3, tmp_path_factory):
-    """A head node and a second node (4 logical CPUs each) started with `ray start` on loopback.
-
-    Yields (address, env, slowness): waits are quiet-machine values scaled by :func:`_slowness`.
-    """
-    env = {
-        **os.environ,
-        **s3.env,
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_AUTH_MODE": "disabled",  # loopback test cluster: no token files to distribute between nodes
-        "RAY_raylet_start_wait_time_s": "180",  # 2 shared cores: node registration can be slow
-        "PYTHONPATH": os.pathsep.join(p for p in [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")] if p),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    env.pop("RAY_ADDRESS", None)
-    temp_dir = tempfile.mkdtemp(prefix="rayt", dir="/tmp")
-    logs = tmp_path_factory.mktemp("two_nodes")
-    port = free_port()
-
-    def node(extra: list[str], name: str) -> subprocess.Popen:
-        cmd = [
-            _ray_exe(), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=4",
-            "--object-store-memory=400000000", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-            f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}", *extra,
-        ]  # fmt: skip
-        return subprocess.Popen(
-            cmd, env=env, stdout=open(logs / f"{name}.log", "wb"), stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(REPO_ROOT),
-        )  # fmt: skip
-
-    slowness = _slowness()
-    head = node(["--head", f"--port={port}", "--include-dashboard=false", f"--ray-client-server-port={free_port()}"], "head")
-    procs = [head]
-    try:
-        address = f"127.0.0.1:{port}"
-
-        def status() -> str:
-            return subprocess.run(
-                [_ray_exe(), "status", f"--address={address}"], env=env, capture_output=True, text=True
-            ).stdout
-
-        started = time.time()
-        deadline = started + 240 * slowness  # a quiet head is up in ~15 s
-        while "node_" not in status():  # the head must be up before a second node can join
-            if time.time() > deadline or head.poll() is not None:
-                raise RuntimeError(f"ray head not ready after {time.time() - started:.0f} s (slowness "
-                                   f"{slowness:.1f}):\n{(logs / 'head.log').read_text()[-3000:]}")
-            time.sleep(2)
-        head_s = time.time() - started
-        procs.append(node([f"--address={address}", "--min-worker-port=21000", "--max-worker-port=21999"], "worker"))
-        deadline = time.time() + max(240 * slowness, 8 * head_s)  # a second node takes about what the head took
-        while True:
-            out = status()
-            if out.count("node_") >= 2 and "8.0 CPU" in out.replace("0.0/8.0 CPU", "8.0 CPU"):
-                break
-            if time.time() > deadline or any(p.poll() is not None for p in procs):
-                raise RuntimeError(f"two-node cluster not ready (head took {head_s:.0f} s, slowness {slowness:.1f}):"
-                                   f"\n{out}\n{(logs / 'head.log').read_text()[-3000:]}")
-            time.sleep(2)
-        yield address, env, slowness
-    finally:
-        for p in reversed(procs):
-            stop_head(p, temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
 def _chance_miou(val_root: Path, num_classes: int) -> float:
     """Best mIoU of trivial predictors (one constant class, uniform random) on the validation set."""
     from PIL import Image
@@ -341,7 +256,7 @@ def test_ray_job_submit_trains_and_leaves_checkpoint_in_bucket(ray_head, s3, s3_
     s3.fs.put(str(local), train_url.split("://", 1)[1], recursive=True)
     storage = s3_prefix + "runs"
     cmd = [
-        _ray_exe(), "job", "submit", "--address", ray_head.dashboard_url, "--",
+        ray_exe(), "job", "submit", "--address", ray_head.dashboard_url, "--",
         "python", "-m", "jobs.train", "--config", str(CONFIGS / "tiny_generic.yaml"), "--set",
         f"data.train={train_url}", f"run.storage_path={storage}", "run.name=submitted", "run.num_workers=1",
         "solver.ims_per_batch=2", "solver.max_iter=2", "run.checkpoint_period=2", "run.log_period=1",
