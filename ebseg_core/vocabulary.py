@@ -154,14 +154,15 @@ class Vocabulary:
 
     @classmethod
     def from_spec(cls, spec: str) -> Vocabulary:
-        """CLI helper: 'preset:ade150', 'file:path', a path to an existing file, or an inline list."""
+        """:meth:`from_options` in one string, as a config file gives it: 'preset:ade150', 'file:path_or_url',
+        a path to an existing file, or an inline list."""
         if spec.startswith("preset:"):
-            return cls.preset(spec[len("preset:"):])
+            return cls.from_options(preset=spec[len("preset:"):])
         if spec.startswith("file:"):
-            return cls.from_file(spec[len("file:"):])
+            return cls.from_options(file=spec[len("file:"):])
         if Path(spec).is_file():
-            return cls.from_file(spec)
-        return cls.parse(spec)
+            return cls.from_options(file=spec)
+        return cls.from_options(text=spec)
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_json(self) -> str:
