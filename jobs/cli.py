@@ -98,8 +98,8 @@ def add_model_arguments(group, random_weights_help: str) -> None:
                        help="cap on the longer side the model sees (default: the preset's, 2560)")
     group.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                        help="model precision: auto (bf16 on GPUs that support it, fp16 on older GPUs, fp32 on "
-                            "CPU), fp32, bf16 or fp16 (default: %(default)s; not fp16 on CPU, where it gives wrong "
-                            "labels; agreement figures: docs/performance.md)")
+                            "CPU), fp32, bf16 or fp16 (default: %(default)s; fp16 is refused on CPU, where it gave "
+                            "wrong labels; agreement figures: docs/performance.md)")
 
 
 def command_name(module_name: str) -> str:

@@ -230,11 +230,14 @@ def test_autocast_bfloat16_stays_close_to_float32():
 
 
 def test_precision_choice_maps_to_autocast():
+    from ebseg_core import UserError
     from ebseg_core.model import autocast_dtype_for
 
     assert autocast_dtype_for("fp32", "cpu") is None
     assert autocast_dtype_for("bf16", "cpu") is torch.bfloat16
     assert autocast_dtype_for("fp16", "cuda") is torch.float16
+    with pytest.raises(UserError, match="fp16 is refused on CPU"):
+        autocast_dtype_for("fp16", "cpu")
     assert autocast_dtype_for(None, "cpu") is None  # CPU default: fp32
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         autocast_dtype_for("fp8", "cpu")
