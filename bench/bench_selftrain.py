@@ -4,7 +4,7 @@ spending the same iterations on the labelled images alone (the control).
 Why: a Ray round of ``pipeline/selftrain.py`` costs two training jobs and three labelling jobs; comparing
 recipes that way on 2 shared cores is hours. Here every variant fine-tunes from the same base weights
 in this process, with the pieces the training job uses (``pipeline.train.build_training_model``,
-``build_optimizer``, ``PolyLR``, ``EBSegCriterion``, ``TrainSampleDataset`` augmentation, gradient
+``build_optimizer``, ``PolyLR``, ``TrainingLoss``, ``TrainSampleDataset`` augmentation, gradient
 clipping; one worker, no Ray), and the held-out images are scored as ``ebseg evaluate --labels`` scores
 (``SemSegEvaluator``). The pseudo-labels are ``model.segment``'s label maps; image-level confidence is
 the mean of its confidence map, as ``most_confident`` ranks label rows.
@@ -30,13 +30,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ebseg_core.criterion import EBSegCriterion  # noqa: E402
+from ebseg_core.criterion import TrainingLoss  # noqa: E402
 from ebseg_core.data.synthetic import blob_image  # noqa: E402
 from ebseg_core.evaluation import SemSegEvaluator  # noqa: E402
 from ebseg_core.train_data import Sample, TrainSampleDataset, collate_train  # noqa: E402
 from ebseg_core.vocabulary import Vocabulary  # noqa: E402
 from pipeline.selftrain import BLOB_CONFIG, CLASS_NAMES, WORLD_SIZES, SelfTrainConfig  # noqa: E402
-from pipeline.train import PolyLR, _LossModule, build_optimizer, build_training_model, load_config  # noqa: E402
+from ebseg_core.solver import PolyLR, build_optimizer  # noqa: E402
+from pipeline.train import build_training_model, load_config  # noqa: E402
 
 K = len(CLASS_NAMES)
 VOCAB = Vocabulary.parse(",".join(CLASS_NAMES))
@@ -57,7 +58,7 @@ def train(items, iters: int, lr: float, seed: int, init: dict | None = None) -> 
         model.load_state_dict(init)
         model.weights_changed()
     model.train()
-    module = _LossModule(model, EBSegCriterion(K, cfg.criterion), VOCAB)
+    module = TrainingLoss(model, VOCAB, cfg.criterion)
     opt = build_optimizer(model, cfg.solver)
     sched = PolyLR(opt, cfg.solver)
 
