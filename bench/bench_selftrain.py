@@ -33,10 +33,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ebseg_core.criterion import TrainingLoss  # noqa: E402
 from ebseg_core.data.synthetic import blob_image  # noqa: E402
 from ebseg_core.evaluation import SemSegEvaluator  # noqa: E402
+from ebseg_core.solver import PolyLR, build_optimizer  # noqa: E402
 from ebseg_core.train_data import Sample, TrainSampleDataset, collate_train  # noqa: E402
 from ebseg_core.vocabulary import Vocabulary  # noqa: E402
 from pipeline.selftrain import BLOB_CONFIG, CLASS_NAMES, WORLD_SIZES, SelfTrainConfig  # noqa: E402
-from ebseg_core.solver import PolyLR, build_optimizer  # noqa: E402
 from pipeline.train import build_training_model, load_config  # noqa: E402
 
 K = len(CLASS_NAMES)
@@ -49,7 +49,8 @@ def world(seed: int, n: int, offset: int) -> list[tuple[np.ndarray, np.ndarray]]
     return [blob_image(*WORLD_SIZES[i % len(WORLD_SIZES)], base + i, num_classes=K) for i in range(n)]
 
 
-def train(items, iters: int, lr: float, seed: int, init: dict | None = None) -> torch.nn.Module:
+def train(items, iters: int, lr: float, seed: int, init: dict | None = None,
+          ignore_is_unknown: bool = False) -> torch.nn.Module:
     """The training job's loop on one worker over in-memory (image, label) pairs."""
     cfg = load_config(BLOB_CONFIG, [f"solver.max_iter={iters}", f"solver.base_lr={lr}"])
     torch.manual_seed(seed)
@@ -67,7 +68,7 @@ def train(items, iters: int, lr: float, seed: int, init: dict | None = None) -> 
         return image, label.astype(np.int64)
 
     data = TrainSampleDataset([Sample(str(i), str(i)) for i in range(len(items))], K, cfg.augment, seed=seed,
-                              reader=read)
+                              reader=read, ignore_is_unknown=ignore_is_unknown)
     params = [p for p in model.parameters() if p.requires_grad]
     bs = cfg.solver.ims_per_batch
     for it in range(iters):

@@ -41,13 +41,13 @@ log = logging.getLogger(__name__)
 Indices = list[tuple[Tensor, Tensor]]
 
 
-def point_sample(features: Tensor, coords: Tensor) -> Tensor:
-    """Bilinear samples of ``features`` [N,C,H,W] at ``coords`` [N,P,2] in [0,1]^2 (x, y) -> [N,C,P].
+def point_sample(features: Tensor, coords: Tensor, mode: str = "bilinear") -> Tensor:
+    """Samples (bilinear by default) of ``features`` [N,C,H,W] at ``coords`` [N,P,2] in [0,1]^2 (x, y) -> [N,C,P].
 
     Same convention as PointRend: grid_sample on 2*coords-1, align_corners=False, zero padding.
     """
     grid = (2.0 * coords - 1.0).unsqueeze(2)
-    return F.grid_sample(features, grid, align_corners=False).squeeze(3)
+    return F.grid_sample(features, grid, mode=mode, align_corners=False).squeeze(3)
 
 
 class PointCoordsProvider(Protocol):
@@ -113,30 +113,41 @@ class FixedPointCoords:
         return self.loss_coords.to(mask_logits.device)[None].expand(n, -1, -1)
 
 
-def _pairwise_sigmoid_ce(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean binary cross-entropy of every prediction [Q,P] against every target [K,P] -> [Q,K]."""
-    p = logits.shape[1]
+def _pairwise_sigmoid_ce(logits: Tensor, targets: Tensor, known: Tensor | None = None) -> Tensor:
+    """Mean binary cross-entropy of every prediction [Q,P] against every target [K,P] -> [Q,K].
+
+    ``known`` [P] (0/1): only those points count (the mean is over them); None = every point (official).
+    """
     pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
     neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
-    cost = torch.einsum("nc,mc->nm", pos, targets) + torch.einsum("nc,mc->nm", neg, 1 - targets)
-    return cost / p
+    if known is None:
+        cost = torch.einsum("nc,mc->nm", pos, targets) + torch.einsum("nc,mc->nm", neg, 1 - targets)
+        return cost / logits.shape[1]
+    cost = torch.einsum("nc,mc->nm", pos * known, targets) + torch.einsum("nc,mc->nm", neg * known, 1 - targets)
+    return cost / known.sum().clamp_min(1)
 
 
-def _pairwise_dice(logits: Tensor, targets: Tensor) -> Tensor:
+def _pairwise_dice(logits: Tensor, targets: Tensor, known: Tensor | None = None) -> Tensor:
     """Dice loss (with +1 smoothing) of every prediction [Q,P] against every target [K,P] -> [Q,K]."""
     probs = logits.sigmoid().flatten(1)
+    if known is not None:
+        probs, targets = probs * known, targets * known
     numerator = 2 * torch.einsum("nc,mc->nm", probs, targets)
     denominator = probs.sum(-1)[:, None] + targets.sum(-1)[None, :]
     return 1 - (numerator + 1) / (denominator + 1)
 
 
-def _sigmoid_ce_loss(logits: Tensor, targets: Tensor, num_masks: float) -> Tensor:
+def _sigmoid_ce_loss(logits: Tensor, targets: Tensor, num_masks: float, known: Tensor | None = None) -> Tensor:
     loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    return loss.mean(1).sum() / num_masks
+    if known is None:
+        return loss.mean(1).sum() / num_masks
+    return ((loss * known).sum(1) / known.sum(1).clamp_min(1)).sum() / num_masks
 
 
-def _dice_loss(logits: Tensor, targets: Tensor, num_masks: float) -> Tensor:
+def _dice_loss(logits: Tensor, targets: Tensor, num_masks: float, known: Tensor | None = None) -> Tensor:
     probs = logits.sigmoid().flatten(1)
+    if known is not None:
+        probs, targets = probs * known, targets * known
     numerator = 2 * (probs * targets).sum(-1)
     denominator = probs.sum(-1) + targets.sum(-1)
     loss = 1 - (numerator + 1) / (denominator + 1)
@@ -147,7 +158,8 @@ class QueryTargetMatcher(nn.Module):
     """One-to-one assignment of queries to ground-truth masks (scipy ``linear_sum_assignment``).
 
     Cost = class_weight * (-softmax prob of the target class) + mask_weight * BCE + dice_weight * dice,
-    the mask terms evaluated on ``num_points`` random points shared by all masks of an image.
+    the mask terms evaluated on ``num_points`` random points shared by all masks of an image (only on its
+    ``known`` pixels when the target has that map; see ``instances_from_label``).
     """
 
     def __init__(self, class_weight: float, mask_weight: float, dice_weight: float, num_points: int):
@@ -177,11 +189,15 @@ class QueryTargetMatcher(nn.Module):
             coords = points.matcher_points(layer, b, self.num_points, out_mask.device)
             tgt_pts = point_sample(tgt_mask, coords.repeat(tgt_mask.shape[0], 1, 1)).squeeze(1)
             out_pts = point_sample(out_mask, coords.repeat(out_mask.shape[0], 1, 1)).squeeze(1)
+            known = None
+            if "known" in targets[b]:  # nearest: a point is known or not, never half
+                known = point_sample(targets[b]["known"].to(out_mask)[None, None], coords, mode="nearest")[0, 0]
             with torch.autocast(device_type=out_pts.device.type, enabled=False):
                 out_pts = out_pts.float()
                 tgt_pts = tgt_pts.float()
-                cost_mask = _pairwise_sigmoid_ce(out_pts, tgt_pts)
-                cost_dice = _pairwise_dice(out_pts, tgt_pts)
+                known = None if known is None else known.float()
+                cost_mask = _pairwise_sigmoid_ce(out_pts, tgt_pts, known)
+                cost_dice = _pairwise_dice(out_pts, tgt_pts, known)
             cost = self.mask_weight * cost_mask + self.class_weight * cost_class + self.dice_weight * cost_dice
             cost = cost.reshape(num_queries, -1).cpu()
             if not torch.isfinite(cost).all():
@@ -271,13 +287,17 @@ class EBSegCriterion(nn.Module):
         src_masks = src_masks[:, None]
         target_masks = target_masks[:, None]
         c = self.config
+        known = None
         with torch.no_grad():
             coords = points.loss_points(layer, src_masks, c.num_points, c.oversample_ratio, c.importance_sample_ratio)
             labels = point_sample(target_masks, coords).squeeze(1)
+            if "known" in targets[0]:
+                known_maps = torch.stack([t["known"] for t in targets]).to(src_masks)[tb][:, None]
+                known = point_sample(known_maps, coords, mode="nearest").squeeze(1)
         logits = point_sample(src_masks, coords).squeeze(1)
         return {
-            "loss_mask": _sigmoid_ce_loss(logits, labels, num_masks),
-            "loss_dice": _dice_loss(logits, labels, num_masks),
+            "loss_mask": _sigmoid_ce_loss(logits, labels, num_masks, known),
+            "loss_dice": _dice_loss(logits, labels, num_masks, known),
         }
 
     def ssc_loss(self, mask_embeds: Tensor, targets: list[dict], indices: Indices, text_scoremap: Tensor) -> Tensor:
@@ -355,6 +375,8 @@ class EBSegCriterion(nn.Module):
             )
         if len(targets) != b:
             raise ValueError(f"{len(targets)} targets for a batch of {b} images")
+        if len({"known" in t for t in targets}) > 1:
+            raise ValueError("either every target of a batch has a 'known' map or none has")
         hw = None
         for t in targets:
             if t["labels"].numel() and (int(t["labels"].max()) >= self.num_classes or int(t["labels"].min()) < 0):
@@ -369,7 +391,10 @@ class EBSegCriterion(nn.Module):
 
 
 def pad_target_masks(targets: list[dict], size: tuple[int, int]) -> list[dict]:
-    """Zero-pad every target's masks to the padded image size (bottom/right), as the official code does."""
+    """Zero-pad every target's masks to the padded image size (bottom/right), as the official code does.
+
+    A ``known`` map is padded with False: the padding is not known to be anything.
+    """
     out = []
     h, w = size
     for t in targets:
@@ -379,6 +404,10 @@ def pad_target_masks(targets: list[dict], size: tuple[int, int]) -> list[dict]:
         padded = m.new_zeros((m.shape[0], h, w))
         padded[:, : m.shape[-2], : m.shape[-1]] = m
         out.append({"labels": t["labels"], "masks": padded})
+        if "known" in t:
+            known = t["known"].new_zeros((h, w))
+            known[: m.shape[-2], : m.shape[-1]] = t["known"]
+            out[-1]["known"] = known
     return out
 
 
@@ -401,5 +430,5 @@ class TrainingLoss(nn.Module):
         """Weighted loss terms (official keys; sum them for the total) of uint8 images [B,3,H,W]."""
         outputs = self.model.training_outputs(images, self.vocab)
         targets = pad_target_masks(targets, (images.shape[-2], images.shape[-1]))
-        targets = [{"labels": t["labels"].to(images.device), "masks": t["masks"].to(images.device)} for t in targets]
+        targets = [{k: v.to(images.device) for k, v in t.items()} for t in targets]
         return self.criterion(outputs, targets, point_coords_provider)

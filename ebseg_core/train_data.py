@@ -379,12 +379,22 @@ def pad_sample(image: np.ndarray, label: np.ndarray, pad_size: int, image_pad: i
 Tensor = torch.Tensor
 
 
-def instances_from_label(label: Tensor, ignore_label: int = IGNORE_LABEL) -> dict[str, Tensor]:
-    """Per-class targets of a label map: sorted unique classes != ignore and their boolean masks."""
+def instances_from_label(label: Tensor, ignore_label: int = IGNORE_LABEL, ignore_is_unknown: bool = False
+                         ) -> dict[str, Tensor]:
+    """Per-class targets of a label map: sorted unique classes != ignore and their boolean masks.
+
+    Officially an ignore pixel lies outside every mask, so the mask losses teach "no class here"; that
+    suits a thin band along class boundaries. Pseudo-labels mark pixels they are unsure of as ignore,
+    where "no class here" is wrong (it taught a fine-tune to leave half the image unlabelled): with
+    ``ignore_is_unknown`` the targets carry ``known`` (label != ignore) and the losses skip the rest.
+    """
     classes = torch.unique(label)
     classes = classes[classes != ignore_label]
     masks = label[None] == classes[:, None, None] if len(classes) else torch.zeros((0, *label.shape), dtype=torch.bool)
-    return {"labels": classes.long(), "masks": masks}
+    target = {"labels": classes.long(), "masks": masks}
+    if ignore_is_unknown:
+        target["known"] = label != ignore_label
+    return target
 
 
 # --------------------------------------------------------------------------------------------------
@@ -543,6 +553,7 @@ class TrainSampleDataset(torch.utils.data.Dataset):
         skip_bad: bool = False,
         storage_options: dict | None = None,
         reader: Callable[[Sample, int, dict | None], tuple[np.ndarray, np.ndarray]] | None = None,
+        ignore_is_unknown: bool = False,
     ):
         self.samples = samples  # a list, or ShardedSamples reading the driver's shards on demand
         # read_sample's signature; pipeline.label_source.LabelRowReader reads label-Parquet rows
@@ -554,6 +565,7 @@ class TrainSampleDataset(torch.utils.data.Dataset):
         self.skip_bad = skip_bad
         self.storage_options = storage_options or {}
         self.bad_samples = 0
+        self.ignore_is_unknown = ignore_is_unknown  # see instances_from_label
         shard_positions(len(self.samples), rank, world_size, 0, seed)  # validates the split
 
     def __len__(self) -> int:  # an infinite stream; DataLoader needs a bound
@@ -573,7 +585,8 @@ class TrainSampleDataset(torch.utils.data.Dataset):
                 continue
             rng = np.random.default_rng([self.seed, self.rank, position])
             img, lab = augment(image, label, self.cfg, rng, self.ignore_label)
-            return {"image": img, "label": lab, "ignore": self.ignore_label, "bad": attempt}
+            return {"image": img, "label": lab, "ignore": self.ignore_label, "bad": attempt,
+                    "ignore_is_unknown": self.ignore_is_unknown}
         raise DatasetError("100 bad samples in a row; the dataset looks broken")
 
 
@@ -595,5 +608,5 @@ class EvalSampleDataset(torch.utils.data.Dataset):
 def collate_train(batch: list[dict]) -> tuple[Tensor, list[dict], int]:
     """Stack images [B,3,P,P] (uint8) and build per-image targets from the label maps."""
     images = torch.stack([b["image"] for b in batch])
-    targets = [instances_from_label(b["label"], b["ignore"]) for b in batch]
+    targets = [instances_from_label(b["label"], b["ignore"], b.get("ignore_is_unknown", False)) for b in batch]
     return images, targets, sum(int(b["bad"]) for b in batch)

@@ -656,7 +656,9 @@ class Trainer:
         reader = self.payload.get("label_reader")
         dataset = TrainSampleDataset(
             self.samples, len(self.vocab), cfg.augment, rank=self.rank, world_size=self.world, seed=cfg.run.seed,
-            skip_bad=cfg.data.skip_bad, reader=LabelRowReader.from_dict(reader) if reader else None)
+            skip_bad=cfg.data.skip_bad, reader=LabelRowReader.from_dict(reader) if reader else None,
+            # pseudo-labels' ignore pixels (below min_pixel_confidence, dropped classes) are unknown, not "no class"
+            ignore_is_unknown=cfg.data.layout == "labels")
         return torch.utils.data.DataLoader(
             dataset, batch_size=per_worker, sampler=range(self.iteration * per_worker, 2**62),
             num_workers=cfg.data.loader_workers, collate_fn=collate_train,

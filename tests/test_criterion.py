@@ -207,3 +207,63 @@ def test_pad_target_masks_pads_bottom_right():
     t = [{"labels": torch.tensor([1]), "masks": torch.ones(1, 3, 4, dtype=torch.bool)}]
     p = pad_target_masks(t, (5, 6))[0]["masks"]
     assert p.shape == (1, 5, 6) and p[0, :3, :4].all() and not p[0, 3:].any() and not p[0, :, 4:].any()
+
+
+def _with_known(targets, known_maps):
+    return [{**t, "known": k} for t, k in zip(targets, known_maps)]
+
+
+def test_all_known_pixels_give_the_official_losses_and_matches():
+    """A ``known`` map that is all True changes nothing: same losses, same assignment."""
+    crit = EBSegCriterion(4, CriterionConfig(num_points=64, matcher_num_points=64))
+    outputs, targets = _outputs(h=32, w=32), _targets()
+    known = _with_known(targets, [torch.ones(32, 32, dtype=torch.bool)] * 2)
+    torch.manual_seed(3)
+    official, idx_official = crit.unweighted(outputs, targets)
+    torch.manual_seed(3)
+    with_map, idx_map = crit.unweighted(outputs, known)
+    for key in official:
+        assert torch.allclose(official[key], with_map[key], atol=1e-6), key
+    for a, b in zip(idx_official, idx_map):
+        assert all(torch.equal(x, y) for pa, pb in zip(a, b) for x, y in zip(pa, pb))
+
+
+def test_unknown_pixels_get_no_mask_gradient_and_do_not_change_the_loss():
+    """Pseudo-label pixels marked unknown must not teach anything: predictions there leave the loss as is."""
+    h = w = 32
+    crit = EBSegCriterion(4, CriterionConfig(num_points=256, matcher_num_points=256, deep_supervision=False))
+    known = torch.ones(h, w, dtype=torch.bool)
+    known[:, w // 2:] = False  # the right half is unknown
+    targets = _with_known(_targets(h, w), [known, known])
+    outputs = _outputs(h=h, w=w, num_aux=0, requires_grad=True)
+    points = FixedPointCoords(torch.rand(256, 2, generator=torch.Generator().manual_seed(1)),
+                              torch.rand(256, 2, generator=torch.Generator().manual_seed(2)))
+    losses, _ = crit.unweighted(outputs, targets, points)
+    (losses["loss_mask"] + losses["loss_dice"]).backward()
+    grad = outputs["pred_masks"].grad
+    assert grad[..., : w // 2 - 1].abs().sum() > 0
+    assert grad[..., w // 2 + 1:].abs().max() == 0  # bilinear reads may touch the column at the border only
+
+    changed = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in outputs.items()}
+    changed["pred_masks"][..., w // 2 + 1:] = torch.randn(2, 6, h, w - w // 2 - 1) * 10
+    again, _ = crit.unweighted(changed, targets, points)
+    for key in ("loss_mask", "loss_dice"):
+        assert torch.allclose(losses[key], again[key], atol=1e-6), key
+    # Without the map (the official rule) the same change does change the mask losses.
+    plain = [{"labels": t["labels"], "masks": t["masks"]} for t in targets]
+    a, _ = crit.unweighted({k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in outputs.items()},
+                           plain, points)
+    b, _ = crit.unweighted(changed, plain, points)
+    assert not torch.allclose(a["loss_mask"], b["loss_mask"])
+
+
+def test_known_maps_are_padded_as_unknown_and_must_be_on_every_target():
+    t = {"labels": torch.tensor([1]), "masks": torch.ones(1, 2, 3, dtype=torch.bool),
+         "known": torch.ones(2, 3, dtype=torch.bool)}
+    padded = pad_target_masks([t], (4, 5))[0]
+    assert padded["known"].shape == (4, 5)
+    assert padded["known"][:2, :3].all() and not padded["known"][2:].any() and not padded["known"][:, 3:].any()
+    crit = EBSegCriterion(4)
+    targets = _targets(8, 8)
+    with pytest.raises(ValueError, match="known"):
+        crit(_outputs(), [{**targets[0], "known": torch.ones(8, 8, dtype=torch.bool)}, targets[1]])

@@ -99,6 +99,14 @@ def test_instances_from_label():
     assert empty["labels"].numel() == 0 and empty["masks"].shape == (0, 2, 2)
 
 
+
+def test_ignore_is_unknown_marks_the_known_pixels_for_the_losses():
+    lab = torch.tensor([[0, 255], [2, 2]])
+    assert "known" not in instances_from_label(lab)  # the official rule: ignore lies outside every mask
+    inst = instances_from_label(lab, ignore_is_unknown=True)
+    assert inst["known"].tolist() == [[True, False], [True, True]]
+    assert inst["labels"].tolist() == [0, 2]
+
 def test_stream_is_a_pure_function_of_position_and_splits_ranks():
     n, world = 10, 2
     for epoch in range(2):
