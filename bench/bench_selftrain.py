@@ -9,7 +9,9 @@ clipping; one worker, no Ray), and the held-out images are scored as ``ebseg eva
 (``SemSegEvaluator``). The pseudo-labels are ``model.segment``'s label maps; image-level confidence is
 the mean of its confidence map, as ``most_confident`` ranks label rows.
 
-Variants (each ``--finetune-iters`` iterations at ``--finetune-lr`` from the base):
+Variants (each ``--finetune-iters`` iterations at ``--finetune-lr`` from the base; with
+``--min-pixel-confidence`` the lake's pixels below it are unknown, skipped by the mask losses as the
+training job skips them in label Parquet):
   recipe   the most confident half of the lake's pseudo-labels + the labelled images' truth
   control  the labelled images alone
   all_lake every lake image's pseudo-labels + the labelled truth (what image selection adds)
@@ -107,12 +109,18 @@ def run_seed(seed: int, cfg: SelfTrainConfig, log=print) -> dict:
     order = np.argsort([-conf.mean() for _, conf in pseudo], kind="stable")
     top = order[: int(np.ceil(cfg.most_confident * len(order)))]  # most confident first
     out["lake_kept"] = miou([pseudo[i] for i in top], [lake[i] for i in top])
-    rows = [(lake[i][0], pseudo[i][0].astype(np.uint8)) for i in range(len(lake))]
+    rows = []
+    for image, (lab, conf) in zip((im for im, _ in lake), pseudo):
+        lab = lab.astype(np.uint8)
+        if cfg.min_pixel_confidence is not None:  # unknown pixels, skipped by the losses as in the training job
+            lab = np.where(conf < cfg.min_pixel_confidence, 255, lab).astype(np.uint8)
+        rows.append((image, lab))
     variants = {"recipe": [rows[i] for i in top] + labelled, "control": labelled, "all_lake": rows + labelled}
     log(f"seed {seed}: base {out['before']:.1f}, pseudo-labels {out['lake']:.1f} (kept {out['lake_kept']:.1f}); "
         f"{time.perf_counter() - t0:.0f} s")
     for name, items in variants.items():
-        tuned = train(items, cfg.finetune_iters, cfg.finetune_lr, seed + 1, init=state)
+        tuned = train(items, cfg.finetune_iters, cfg.finetune_lr, seed + 1, init=state,
+                      ignore_is_unknown=name != "control")
         out[name] = miou(label(tuned, held), held)
         log(f"seed {seed}: {name} {out[name]:.1f}; {time.perf_counter() - t0:.0f} s")
     return out
@@ -125,12 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--finetune-iters", type=int, default=SelfTrainConfig.finetune_iters)
     p.add_argument("--finetune-lr", type=float, default=SelfTrainConfig.finetune_lr)
     p.add_argument("--most-confident", type=float, default=SelfTrainConfig.most_confident)
+    p.add_argument("--min-pixel-confidence", type=float, default=SelfTrainConfig.min_pixel_confidence,
+                   help="lake pixels below it are unknown in the fine-tune (skipped by the mask losses)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = SelfTrainConfig("", base_iters=args.base_iters, finetune_iters=args.finetune_iters,
-                          finetune_lr=args.finetune_lr, most_confident=args.most_confident)
+                          finetune_lr=args.finetune_lr, most_confident=args.most_confident,
+                          min_pixel_confidence=args.min_pixel_confidence)
     results = [run_seed(s, cfg) for s in args.seeds]
     print("seed  before  recipe  control  all_lake  recipe-control")
     for r in results:
