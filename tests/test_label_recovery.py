@@ -182,7 +182,9 @@ def test_one_weights_identity_from_saving_to_labeling(tmp_path, monkeypatch):
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     a, b = resolve_checkpoint(str(tmp_path / "a")), resolve_checkpoint(str(tmp_path / "b" / "model.safetensors"))
     assert saved == a.digest == b.digest == weights_digest(str(tmp_path / "b" / "model.safetensors"))
-    assert build_model(a.model_config(), checkpoint=a).model_id == f"ebseg-tiny:{saved[:12]}"
+    with monkeypatch.context() as patched:  # a resolved checkpoint's digest is reused, not read again
+        patched.setattr("ebseg_core.checkpoint.weights_digest", lambda url: pytest.fail(f"digest read again: {url}"))
+        assert build_model(a.model_config(), checkpoint=a).model_id == f"ebseg-tiny:{saved[:12]}"
     assert build_model("ebseg-tiny", checkpoint=str(tmp_path / "b" / "model.safetensors")).model_id \
         == f"ebseg-tiny:{saved[:12]}"
     torch.manual_seed(1)
