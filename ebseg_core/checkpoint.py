@@ -180,15 +180,16 @@ def build_model(config: EBSegConfig | str = "ebseg-b", checkpoint: str | Resolve
                 device: str | torch.device | None = None) -> EBSeg:
     """An EBSeg model from a preset name or config, with an official/our checkpoint if given.
 
-    ``model.model_id`` names the weights by content (``weights_digest``), whatever path or URL gave them.
+    ``model.model_id`` names the weights by content (``ResolvedCheckpoint.model_id``), whatever path or URL
+    gave them; a resolved checkpoint whose digest is known is not read again for it.
     """
     cfg = preset_config(config) if isinstance(config, str) else config
     model = EBSeg(cfg)
-    if isinstance(checkpoint, ResolvedCheckpoint):
-        checkpoint = checkpoint.weights_url
     if checkpoint:
-        load_ebseg_state_dict(model, read_state_dict(checkpoint))
-        model.model_id = f"{cfg.name}:{weights_digest(str(checkpoint))[:12]}"
+        if not isinstance(checkpoint, ResolvedCheckpoint):
+            checkpoint = ResolvedCheckpoint(source=checkpoint, weights_url=checkpoint, preset=cfg.name)
+        load_ebseg_state_dict(model, read_state_dict(checkpoint.weights_url))
+        model.model_id = checkpoint.model_id(cfg.name)
     else:
         model.model_id = f"{cfg.name}:random"
     if device is not None:

@@ -55,6 +55,10 @@ class ModelSpec:
     checkpoint: ResolvedCheckpoint | None  # None: random weights (seeded: the same model in every process)
     inference_size: int | None = None  # shorter side the model sees; None: the checkpoint's, else the preset's
     inference_max_size: int | None = None
+    # Balancing weights of the CLIP branches; None: the checkpoint's, else the preset's (with_inference_settings).
+    inference_alpha: float | None = None
+    inference_beta: float | None = None
+    inference_gamma: float | None = None
     precision: str = "auto"  # ebseg_core.model.autocast_dtype_for
     batch_size: int = 4  # images per model call
     torch_threads: int = 0  # pipeline.resources.actor_torch_threads; 0 leaves torch alone
@@ -90,12 +94,15 @@ class ModelSpec:
         return dataclasses.replace(self, torch_threads=torch_threads)
 
     def config(self) -> EBSegConfig:
-        """The preset's config (with the checkpoint's inference settings) and the inference-size overrides."""
+        """The preset's config (with the checkpoint's inference settings) and the inference overrides."""
         from .config import preset_config, with_inference_settings
 
         if self.checkpoint is not None:
-            return self.checkpoint.model_config(self.inference_size, self.inference_max_size)
-        return with_inference_settings(preset_config(self.preset), self.inference_size, self.inference_max_size)
+            cfg = self.checkpoint.model_config(self.inference_size, self.inference_max_size)
+        else:
+            cfg = with_inference_settings(preset_config(self.preset), self.inference_size, self.inference_max_size)
+        return with_inference_settings(cfg, alpha=self.inference_alpha, beta=self.inference_beta,
+                                       gamma=self.inference_gamma)
 
     def input_sizing(self) -> tuple[int, int, int]:
         """(shorter side, longer-side cap, size divisibility) of the model input: :func:`padded_size`'s numbers."""

@@ -444,13 +444,19 @@ def backoff_delay(attempt: int, base: float = 0.2, cap: float = 10.0) -> float:
     return min(base * (2**attempt), cap) * (0.5 + random.random())
 
 
-def retry_io(fn: Callable[..., T], *args: Any, retries: int = 6, **kwargs: Any) -> T:
-    """Call a storage operation, retrying transient errors (is_transient) with backoff; others raise at once."""
+def retry_io(fn: Callable[..., T], *args: Any, retries: int = 6,
+             retryable: Callable[[Exception], bool] = is_transient, **kwargs: Any) -> T:
+    """Call a storage operation, retrying the errors ``retryable`` accepts (transient ones) with backoff;
+    others raise at once, and the last one when the retries run out.
+
+    A caller that sorts failures passes its own ``retryable`` and sorts what raises: an error that
+    ``retryable`` still accepts is one the retries did not outlast (``pipeline.label_read``).
+    """
     for attempt in range(retries + 1):
         try:
             return fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - re-raised unless transient
-            if attempt == retries or not is_transient(exc):
+        except Exception as exc:  # noqa: BLE001 - re-raised unless retryable
+            if attempt == retries or not retryable(exc):
                 raise
             time.sleep(backoff_delay(attempt))
     raise AssertionError("unreachable")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from ebseg_core.model_spec import padded_size
-from ebseg_core.storage import backoff_delay, filesystem_for, is_credential_error, is_transient
+from ebseg_core.storage import filesystem_for, is_credential_error, is_transient, retry_io
 from pipeline import schema as S
 from pipeline.images import DEFAULT_MAX_PIXELS, DecodeError, decode_image_with_info
 from pipeline.listing import read_plan_shard
@@ -49,44 +49,51 @@ HINT_CREDENTIALS = "renew the storage credentials and rerun the same command"
 HINT_UNAVAILABLE = "rerun the same command when the storage answers again"
 
 
-def read_with_retries(uri: str, retries: int = 6, base_delay: float = 0.2, max_bytes: int = DEFAULT_MAX_BYTES,
-                      sleep: Callable[[float], None] = time.sleep) -> bytes:
-    """Read a whole object, retrying transient errors with exponential backoff and jitter.
+def read_with_retries(uri: str, retries: int = 6, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """Read a whole object, retrying transient errors with backoff (``retry_io``).
 
     Raises ReadError for a failure of this file (missing, forbidden, not a file), StorageFault for
     one of the job's access (expired/invalid/missing credentials, still failing after retries),
     DecodeError("too_large") for an object above ``max_bytes``.
     """
-    last: BaseException | None = None
-    for attempt in range(retries + 1):
-        try:
-            fs, path = filesystem_for(uri)
-            data = fs.cat_file(path, start=0, end=max_bytes + 1)
-            if len(data) > max_bytes:
-                raise DecodeError("too_large", f"file is larger than {max_bytes} bytes")
-            return bytes(data)
-        except DecodeError:
-            raise
-        except FileNotFoundError:
-            raise ReadError(f"not found: {uri}") from None
-        except IsADirectoryError:
-            raise ReadError(f"is a directory: {uri}") from None
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if is_credential_error(exc):
-                raise StorageFault(f"storage refused the job's credentials reading {uri}: "
-                                   f"{type(exc).__name__}: {exc}", HINT_CREDENTIALS) from None
-            if isinstance(exc, PermissionError):
-                raise ReadError(f"access denied: {uri} ({exc})") from None
-            if "range is not satisfiable" in str(exc).lower() or "invalidrange" in str(exc).lower():
-                return b""  # a ranged GET of an empty object (S3 answers 416): the file is empty
-            last = exc
-            if not is_transient(exc):
-                break
-            if attempt == retries:
-                raise StorageFault(f"storage still failing after {retries} retries reading {uri}: "
-                                   f"{type(exc).__name__}: {exc}", HINT_UNAVAILABLE) from None
-            sleep(backoff_delay(attempt, base_delay))
-    raise ReadError(f"read failed: {type(last).__name__}: {last}")
+    try:
+        return retry_io(_read_capped, uri, max_bytes, retries=retries, retryable=_worth_retrying)
+    except DecodeError:
+        raise
+    except FileNotFoundError:
+        raise ReadError(f"not found: {uri}") from None
+    except IsADirectoryError:
+        raise ReadError(f"is a directory: {uri}") from None
+    except Exception as exc:  # noqa: BLE001 - sorted below
+        if is_credential_error(exc):
+            raise StorageFault(f"storage refused the job's credentials reading {uri}: "
+                               f"{type(exc).__name__}: {exc}", HINT_CREDENTIALS) from None
+        if isinstance(exc, PermissionError):
+            raise ReadError(f"access denied: {uri} ({exc})") from None
+        if _worth_retrying(exc):
+            raise StorageFault(f"storage still failing after {retries} retries reading {uri}: "
+                               f"{type(exc).__name__}: {exc}", HINT_UNAVAILABLE) from None
+        raise ReadError(f"read failed: {type(exc).__name__}: {exc}") from None
+
+
+def _worth_retrying(exc: Exception) -> bool:
+    """Transient storage errors, but never a credential error or a file too large: retries do not fix those."""
+    return not isinstance(exc, DecodeError) and not is_credential_error(exc) and is_transient(exc)
+
+
+def _read_capped(uri: str, max_bytes: int) -> bytes:
+    """One read attempt of at most ``max_bytes`` (DecodeError("too_large") above it)."""
+    fs, path = filesystem_for(uri)
+    try:
+        data = fs.cat_file(path, start=0, end=max_bytes + 1)
+    except Exception as exc:  # noqa: BLE001 - all but an empty object re-raised
+        text = str(exc).lower()
+        if "range is not satisfiable" in text or "invalidrange" in text:
+            return b""  # a ranged GET of an empty object (S3 answers 416): the file is empty
+        raise
+    if len(data) > max_bytes:
+        raise DecodeError("too_large", f"file is larger than {max_bytes} bytes")
+    return bytes(data)
 
 
 def _read_decode_one(uri: str, max_pixels: int, max_bytes: int, retries: int) -> dict:

@@ -44,6 +44,7 @@ import torch
 from ebseg_core.checkpoint import META_FILE, TRAIN_STATE_FILE, WEIGHTS_FILE, CheckpointError, save_weights
 from ebseg_core.config import CriterionConfig
 from ebseg_core.errors import UserError
+from ebseg_core.model_spec import ModelSpec
 from ebseg_core.solver import PolyLR, SolverConfig, build_optimizer
 from ebseg_core.train_data import AugmentConfig, DatasetError, DatasetSpec, Sample, list_dataset, read_sample
 
@@ -70,6 +71,15 @@ class ModelConfig:
     inference_alpha: float | None = None
     inference_beta: float | None = None
     inference_gamma: float | None = None
+
+    def spec(self) -> ModelSpec:
+        """This run's model config as ModelSpec makes it: the preset with the run's validation-inference settings.
+
+        Without ``checkpoint``: the weights training starts from never set the run's inference settings.
+        """
+        return ModelSpec(preset=self.preset, checkpoint=None, inference_size=self.inference_size,
+                         inference_alpha=self.inference_alpha, inference_beta=self.inference_beta,
+                         inference_gamma=self.inference_gamma)
 
 
 @dataclass
@@ -227,7 +237,7 @@ def prepare(cfg: TrainConfig) -> dict:
     if not cfg.data.train:
         raise ConfigError("data.train is not set: give the training dataset root (local path or s3://...)")
     try:
-        model_config(cfg.model)
+        cfg.model.spec().config()
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     if cfg.solver.ims_per_batch % cfg.run.num_workers:
@@ -468,19 +478,11 @@ def _set_rng_state(state: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 # Worker side
 # --------------------------------------------------------------------------------------------------
-def model_config(mcfg: ModelConfig):
-    """The preset's EBSegConfig with this run's validation-inference settings (ValueError if invalid)."""
-    from ebseg_core import preset_config, with_inference_settings
-
-    return with_inference_settings(preset_config(mcfg.preset), mcfg.inference_size, alpha=mcfg.inference_alpha,
-                                   beta=mcfg.inference_beta, gamma=mcfg.inference_gamma)
-
-
 def build_training_model(mcfg: ModelConfig) -> EBSeg:
     """The preset's model: from an EBSeg checkpoint (fine-tuning), or CLIP/SAM pretrained towers + a fresh head."""
     from ebseg_core import build_model, load_open_clip_weights, load_sam_weights
 
-    model = build_model(model_config(mcfg), checkpoint=mcfg.checkpoint)
+    model = build_model(mcfg.spec().config(), checkpoint=mcfg.checkpoint)
     if not mcfg.checkpoint:
         if mcfg.clip_pretrained:
             load_open_clip_weights(model, pretrained=mcfg.clip_pretrained)

@@ -182,12 +182,68 @@ def test_one_weights_identity_from_saving_to_labeling(tmp_path, monkeypatch):
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     a, b = resolve_checkpoint(str(tmp_path / "a")), resolve_checkpoint(str(tmp_path / "b" / "model.safetensors"))
     assert saved == a.digest == b.digest == weights_digest(str(tmp_path / "b" / "model.safetensors"))
-    assert build_model(a.model_config(), checkpoint=a).model_id == f"ebseg-tiny:{saved[:12]}"
+    with monkeypatch.context() as patched:  # a resolved checkpoint's digest is reused, not read again
+        patched.setattr("ebseg_core.checkpoint.weights_digest", lambda url: pytest.fail(f"digest read again: {url}"))
+        assert build_model(a.model_config(), checkpoint=a).model_id == f"ebseg-tiny:{saved[:12]}"
     assert build_model("ebseg-tiny", checkpoint=str(tmp_path / "b" / "model.safetensors")).model_id \
         == f"ebseg-tiny:{saved[:12]}"
     torch.manual_seed(1)
     other = save_weights(tmp_path / "a" / "model.safetensors", build_model("ebseg-tiny"), {"iteration": 2})
     assert other != saved and resolve_checkpoint(str(tmp_path / "a")).digest == other
+
+
+def test_read_errors_are_sorted_into_file_errors_and_storage_faults(tmp_path, monkeypatch):
+    """read_with_retries: a file's own failure is a ReadError, the job's access a StorageFault, transient
+    errors are retried (credential errors never), an empty object reads as empty, a big one is too_large."""
+    from ebseg_core import storage
+    from pipeline import label_read
+    from pipeline.images import DecodeError
+    from pipeline.label_read import ReadError, StorageFault, read_with_retries
+
+    (tmp_path / "big.bin").write_bytes(b"x" * 11)
+    with pytest.raises(ReadError, match="not found"):
+        read_with_retries(str(tmp_path / "absent.png"))
+    with pytest.raises(ReadError, match="is a directory"):
+        read_with_retries(str(tmp_path))
+    with pytest.raises(DecodeError) as too_large:
+        read_with_retries(str(tmp_path / "big.bin"), max_bytes=10)
+    assert too_large.value.kind == "too_large"
+
+    monkeypatch.setattr(storage.time, "sleep", lambda _: None)
+    attempts: list[Exception | bytes] = []
+
+    def fake_store(*answers: Exception | bytes):
+        """filesystem_for of a store giving ``answers`` in turn (the last one for good)."""
+        attempts.clear()
+
+        class Store:
+            def cat_file(self, path, start=None, end=None):
+                answer = answers[min(len(attempts), len(answers) - 1)]
+                attempts.append(answer)
+                if isinstance(answer, Exception):
+                    raise answer
+                return answer
+
+        monkeypatch.setattr(label_read, "filesystem_for", lambda uri: (Store(), uri))
+
+    fake_store(TimeoutError("slow"), ConnectionError("reset"), b"ok")
+    assert read_with_retries("s3://b/k", retries=2) == b"ok" and len(attempts) == 3
+    fake_store(TimeoutError("slow"))
+    with pytest.raises(StorageFault, match="still failing after 2 retries") as fault:
+        read_with_retries("s3://b/k", retries=2)
+    assert fault.value.hint == label_read.HINT_UNAVAILABLE and len(attempts) == 3
+    fake_store(RuntimeError("ExpiredToken: the token has expired (503)"))
+    with pytest.raises(StorageFault) as fault:
+        read_with_retries("s3://b/k", retries=2)
+    assert fault.value.hint == label_read.HINT_CREDENTIALS and len(attempts) == 1
+    fake_store(PermissionError("Forbidden"))
+    with pytest.raises(ReadError, match="access denied"):
+        read_with_retries("s3://b/k")
+    fake_store(ValueError("bad header"))
+    with pytest.raises(ReadError, match="read failed: ValueError"):
+        read_with_retries("s3://b/k")
+    fake_store(OSError("InvalidRange: the range is not satisfiable"))
+    assert read_with_retries("s3://b/k") == b""
 
 
 def test_retry_kinds_flag_names_every_error_kind():

@@ -38,3 +38,12 @@ def test_padded_size_is_what_the_model_batches_by():
     assert resized_shape(60, 40, short, max_size) == (48, 32)
     assert padded_size(60, 40, short, max_size, d) == (2, 1)
     assert padded_size(40, 40, short, max_size, d) == padded_size(32, 32, short, max_size, d) == (1, 1)
+
+
+def test_inference_weights_override_the_preset_and_are_checked():
+    spec = ModelSpec("ebseg-tiny", None, inference_size=64, inference_alpha=0.0, inference_beta=0.0, inference_gamma=0.0)
+    cfg = spec.config()
+    assert (cfg.test_min_size, cfg.alpha, cfg.beta, cfg.gamma) == (64, 0.0, 0.0, 0.0)
+    assert ModelSpec("ebseg-tiny", None).config().alpha == ModelSpec("ebseg-tiny", None, inference_beta=0.1).config().alpha
+    with pytest.raises(ValueError, match="alpha must be in"):
+        ModelSpec("ebseg-tiny", None, inference_alpha=2.0).config()

@@ -298,6 +298,24 @@ def test_retry_io_retries_transient_errors_only(monkeypatch):
     assert all(0 < d <= 15.0 for d in slept)
 
 
+def test_retry_io_retries_what_its_retryable_hook_accepts(monkeypatch):
+    """A caller's ``retryable`` replaces is_transient: it can refuse a transient error or accept another."""
+    monkeypatch.setattr(storage.time, "sleep", lambda _: None)
+    calls = []
+
+    def failing(exc: Exception):
+        calls.append(1)
+        raise exc
+
+    with pytest.raises(TimeoutError):
+        storage.retry_io(failing, TimeoutError("slow"), retryable=lambda exc: False)
+    assert len(calls) == 1, "refused by the hook: raised at once"
+    calls.clear()
+    with pytest.raises(ValueError):
+        storage.retry_io(failing, ValueError("odd"), retries=2, retryable=lambda exc: isinstance(exc, ValueError))
+    assert len(calls) == 3, "accepted by the hook: retried, the last error raised"
+
+
 def test_url_for_keeps_the_users_scheme(tmp_path):
     _, path = storage.filesystem_for("s3a://bucket/prefix/")
     assert storage.url_for("s3a://bucket/prefix/", path + "/x.png") == "s3a://bucket/prefix/x.png"

@@ -39,6 +39,8 @@ def test_official_configs_load_with_the_official_recipe():
     assert l.model.preset == "ebseg-l" and l.solver.base_lr == 8e-5 and l.data.layout == "coco171"
     tiny = load_config(str(CONFIGS / "tiny_generic.yaml"), ["solver.max_iter=7", "run.use_gpu=false"])
     assert tiny.solver.max_iter == 7 and tiny.model.preset == "ebseg-tiny"
+    blobs = load_config(str(CONFIGS / "tiny_blobs.yaml")).model.spec().config()  # the run's validation settings
+    assert (blobs.name, blobs.test_min_size, blobs.alpha, blobs.beta, blobs.gamma) == ("ebseg-tiny", 64, 0.0, 0.0, 0.0)
 
 
 def test_config_errors_are_clear(tmp_path):
@@ -50,6 +52,8 @@ def test_config_errors_are_clear(tmp_path):
         load_config(str(tmp_path / "nope.yaml"))
     with pytest.raises(ConfigError, match="crop_size"):
         config_from_dict({"augment": {"crop_size": [800, 800]}})
+    with pytest.raises(ConfigError, match="model: inference gamma must be in"):
+        prepare(config_from_dict({"data": {"train": str(tmp_path)}, "model": {"inference_gamma": 1.5}}))
 
 
 def test_poly_lr_and_warmup():
