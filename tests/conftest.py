@@ -382,24 +382,35 @@ def two_nodes(s3, tmp_path_factory):
                 [ray_exe(), "status", f"--address={address}"], env=env, capture_output=True, text=True
             ).stdout
 
+        def wait_started(name: str, deadline: float) -> None:
+            """Until `ray start` of ``name`` says its node runs: a look at its log every 0.25 s (``ray status``
+            is a whole Python process, which on 2 busy cores slowed the start it waited for); ``ray status``
+            only every 10 s, in case the line ever changes."""
+            next_status = time.time() + 10
+            while "Ray runtime started" not in (logs / f"{name}.log").read_text(errors="replace"):
+                if time.time() > deadline or any(p.poll() is not None for p in procs):
+                    raise RuntimeError(f"ray {name} not ready after {time.time() - started:.0f} s (slowness "
+                                       f"{slowness:.1f}):\n{(logs / f'{name}.log').read_text()[-3000:]}")
+                if time.time() > next_status:
+                    if "node_" in status():
+                        return
+                    next_status = time.time() + 10
+                time.sleep(0.25)
+
         started = time.time()
-        deadline = started + 240 * slowness  # a quiet head is up in ~15 s
-        while "node_" not in status():  # the head must be up before a second node can join
-            if time.time() > deadline or head.poll() is not None:
-                raise RuntimeError(f"ray head not ready after {time.time() - started:.0f} s (slowness "
-                                   f"{slowness:.1f}):\n{(logs / 'head.log').read_text()[-3000:]}")
-            time.sleep(2)
+        wait_started("head", started + 240 * slowness)  # a quiet head is up in ~15 s; a node joins its GCS
         head_s = time.time() - started
         procs.append(node([f"--address={address}", "--min-worker-port=21000", "--max-worker-port=21999"], "worker"))
         deadline = time.time() + max(240 * slowness, 8 * head_s)  # a second node takes about what the head took
-        while True:
+        wait_started("worker", deadline)
+        while True:  # both nodes registered with all their CPUs
             out = status()
             if out.count("node_") >= 2 and "8.0 CPU" in out.replace("0.0/8.0 CPU", "8.0 CPU"):
                 break
             if time.time() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError(f"two-node cluster not ready (head took {head_s:.0f} s, slowness {slowness:.1f}):"
                                    f"\n{out}\n{(logs / 'head.log').read_text()[-3000:]}")
-            time.sleep(2)
+            time.sleep(0.5)
         yield address, env, slowness
     finally:
         for p in reversed(procs):

@@ -1,5 +1,5 @@
 """Training pipeline: config handling, solver pieces, bad-data errors (fast) and real Ray Train runs (slow):
-two nodes + moto S3 (loss goes down, validation mIoU above chance, resume after a failure injected by
+two nodes + moto S3 (loss goes down, validation reduced over both nodes, resume after a failure injected by
 tests/train_faults.py) and a `ray job submit` of jobs.train. Exact resume (losses equal to an
 uninterrupted run's) and the checkpoint formats are tested in tests/test_checkpoints.py."""
 
@@ -17,10 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from ebseg_core import build_model
+from ebseg_core.checkpoint import resolve_checkpoint
 from ebseg_core.data.synthetic import write_blob_images
 from ebseg_core.evaluation import SemSegEvaluator
 from ebseg_core.solver import SolverConfig, param_groups, poly_lr_factor
+from ebseg_core.train_data import ignore_label_for
 from pipeline.train import ConfigError, apply_overrides, config_from_dict, load_config, load_train_state, prepare
 from tests.helpers import REPO_ROOT, ray_exe
 
@@ -176,28 +180,20 @@ def test_worker_payload_does_not_grow_with_the_sample_count(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ slow
-def _chance_miou(val_root: Path, num_classes: int) -> float:
-    """Best mIoU of trivial predictors (one constant class, uniform random) on the validation set."""
-    from PIL import Image
-
-    labels = [np.asarray(Image.open(p)).astype(np.int64) for p in sorted((val_root / "labels").glob("*.png"))]
-    rng = np.random.default_rng(0)
-    predictors = [lambda l, c=c: np.full_like(l, c) for c in range(num_classes)]
-    predictors.append(lambda l: rng.integers(0, num_classes, l.shape))
-    scores = []
-    for predict in predictors:
-        ev = SemSegEvaluator(num_classes)
-        for l in labels:
-            ev.process(predict(l), l)
-        scores.append(ev.compute()["mIoU"] / 100.0)
-    return max(scores)
+TWO_NODE_ITERS = 24  # reports every 4, a checkpoint at 12 and 24, the failure injected at 16
 
 
 def test_two_node_training_on_s3_learns_and_resumes_exactly(two_nodes, s3, s3_prefix, tmp_path):
+    """Two workers on two nodes (DDP over gloo), data and checkpoints in the bucket, one injected failure:
+    the run resumes from its checkpoint with every worker's RNG state, its loss goes clearly down, and its
+    validation score, sharded over the nodes and reduced, is the mIoU of its weights on all held-out images.
+    24 iterations: the loss's first drop (the class terms) is clear by then; 128 were needed before for a
+    val mIoU bar above chance, which is no longer asserted (see docs/training.md, "Tests")."""
     address, env, slowness = two_nodes
+    n, half, period = TWO_NODE_ITERS, TWO_NODE_ITERS // 2, TWO_NODE_ITERS // 6
     train_url, val_url = s3_prefix + "train", s3_prefix + "val"
     local_val = tmp_path / "val"
-    _generic_dataset(local_val, 8, seed=1000)
+    _generic_dataset(local_val, 4, seed=1000)  # two per node: each inference costs ~1 s on 2 cores
     s3.fs.put(str(local_val), val_url.split("://", 1)[1], recursive=True)
     local_train = tmp_path / "train"
     _generic_dataset(local_train, 32, seed=0)
@@ -206,26 +202,27 @@ def test_two_node_training_on_s3_learns_and_resumes_exactly(two_nodes, s3, s3_pr
     result_json = tmp_path / "result.json"
     storage = s3_prefix + "runs"
     cmd = [
-        sys.executable, "-m", "tests.train_faults", "--fail-after", "32",
+        sys.executable, "-m", "tests.train_faults", "--fail-after", str(half),
         "--address", address, "--config", str(CONFIGS / "tiny_generic.yaml"),
         "--result-json", str(result_json), "--set", f"data.train={train_url}", f"data.val={val_url}",
         f"run.storage_path={storage}", "run.name=two-node", "run.num_workers=2", "run.placement_strategy=STRICT_SPREAD",
-        "solver.max_iter=128", "solver.base_lr=0.002", "solver.ims_per_batch=4", "run.checkpoint_period=32",
-        "run.log_period=8", "run.val_period=128", "run.max_failures=1", "run.num_to_keep=5",
+        f"solver.max_iter={n}", "solver.base_lr=0.002", "solver.ims_per_batch=4", f"run.checkpoint_period={half}",
+        f"run.log_period={period}", f"run.val_period={n}", "run.max_failures=1", "run.num_to_keep=5",
     ]  # fmt: skip
     t0 = time.time()
-    # ~200 s quiet (2026-11-30); 532 s measured at load average 6-12.
-    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=900 * slowness)
+    # 120-167 s driver wall at load average 7-11 (2026-11-30; the former 128 iterations: 372-374 s).
+    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600 * slowness)
     wall = time.time() - t0
     (tmp_path / "driver.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads(result_json.read_text())
-    print(f"two-node run: {wall:.0f} s wall, {result['it_per_s']:.2f} it/s, val mIoU {result['val_miou']:.3f}")
+    print(f"two-node run: {wall:.0f} s wall, {result['it_per_s']:.2f} it/s, val mIoU {result['val_miou']:.3f}, "
+          f"loss {[round(h[1], 1) for h in result['loss_history']]}")
 
     # Both workers ran, on different nodes, and the run finished after one injected failure (at the
-    # first report after the iteration-32 checkpoint).
-    assert result["iteration"] == 128 and result["world_size"] == 2 and result["num_nodes"] == 2
-    assert result["resumed_from"] == 32
+    # first report after the mid-run checkpoint).
+    assert result["iteration"] == n and result["world_size"] == 2 and result["num_nodes"] == 2
+    assert result["resumed_from"] == half
     # (Not counted here: both test nodes share one session log dir on this machine, so each node's log
     # monitor forwards every worker line; the once-per-line check is in the single-node job tests.)
 
@@ -237,20 +234,33 @@ def test_two_node_training_on_s3_learns_and_resumes_exactly(two_nodes, s3, s3_pr
         s3.fs.get(c + "/train_state.pt", str(local))
         st = load_train_state(str(local))
         states[st["iteration"]] = st
-    assert {32, 64, 128} <= set(states)
-    assert states[128]["loss_history"][:4] == states[32]["loss_history"]  # the resumed run continued its history
-    assert states[128]["rng"] and len(states[128]["rng"]) == 2
-    assert set(states[128]["model"]) and all(not k.startswith("clip_rec_head.") for k in states[128]["model"])
+    assert {half, n} <= set(states)
+    assert states[n]["loss_history"][: half // period] == states[half]["loss_history"]  # the resumed run continued its history
+    rng = states[n]["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # each worker's own state
+    assert set(states[n]["model"]) and all(not k.startswith("clip_rec_head.") for k in states[n]["model"])
+    assert any(not torch.equal(v, states[half]["model"][k]) for k, v in states[n]["model"].items())  # trained on
 
     # Loss goes down: the mean over the last reports is well below the first.
-    hist = result_history = result["loss_history"]
-    assert [h[0] for h in hist][:2] == [8, 16] and hist[-1][0] == 128
+    hist = result["loss_history"]
+    assert [h[0] for h in hist] == list(range(period, n + 1, period)), hist
     first, last = hist[0][1], sum(h[1] for h in hist[-2:]) / 2
-    assert last < 0.85 * first, result_history
+    assert last < 0.85 * first, hist
 
-    # Validation mIoU well above the best trivial predictor on held-out images (the tiny config validates
-    # with the trained classifier alone: its CLIP towers are random; see configs/tiny_generic.yaml).
-    assert result["val_miou"] > _chance_miou(local_val, 4) + 0.1, result["val_miou"]
+    # Validation covered every held-out image on both nodes: the reported score is the mIoU of the final
+    # weights (from the bucket) on the whole validation set, recomputed here the way validation runs them.
+    final = resolve_checkpoint(f"{storage}/two-node")
+    assert final.iteration == n
+    model = build_model(final.model_config(), checkpoint=final).eval()
+    vocab = final.train_vocabulary
+    evaluator = SemSegEvaluator(len(vocab), ignore_label_for(len(vocab)))
+    with torch.no_grad():
+        for label_png in sorted((local_val / "labels").glob("*.png")):
+            image = next((local_val / "images").glob(label_png.stem + ".*"))
+            rgb = np.asarray(Image.open(image).convert("RGB"))
+            label = np.asarray(Image.open(label_png)).astype(np.int64)
+            evaluator.process(model.segment([rgb], vocab, batch_size=1)[0].label_map, label)
+    assert evaluator.compute()["mIoU"] / 100.0 == pytest.approx(result["val_miou"], abs=1e-3)
 
 
 def test_ray_job_submit_trains_and_leaves_checkpoint_in_bucket(ray_head, s3, s3_prefix, tmp_path):
