@@ -33,10 +33,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ebseg_core.criterion import TrainingLoss  # noqa: E402
 from ebseg_core.data.synthetic import blob_image  # noqa: E402
 from ebseg_core.evaluation import SemSegEvaluator  # noqa: E402
+from ebseg_core.solver import PolyLR, build_optimizer  # noqa: E402
 from ebseg_core.train_data import Sample, TrainSampleDataset, collate_train  # noqa: E402
 from ebseg_core.vocabulary import Vocabulary  # noqa: E402
 from pipeline.selftrain import BLOB_CONFIG, CLASS_NAMES, WORLD_SIZES, SelfTrainConfig  # noqa: E402
-from ebseg_core.solver import PolyLR, build_optimizer  # noqa: E402
 from pipeline.train import build_training_model, load_config  # noqa: E402
 
 K = len(CLASS_NAMES)
