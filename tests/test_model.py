@@ -253,6 +253,27 @@ def test_precision_choice_maps_to_autocast():
     assert scores.dtype == torch.float32
 
 
+def test_class_embedding_of_empty_mask_finite_under_float16_autocast():
+    """An empty predicted mask (a query that predicts no object: most queries of a trained model) pools
+    to zeros. Under float16 autocast on CPU the old pooling gave 0/0 = NaN (its 1e-8 guard is 0 in
+    float16), which turned the labels of a trained model to noise."""
+    model = _tiny()
+    dec = model.sem_seg_head.predictor
+    g = torch.Generator().manual_seed(0)
+    q, hidden = model.config.decoder.num_queries, model.config.decoder.hidden_dim
+    mask_dim = model.config.pixel_decoder.mask_dim
+    decoder_output = torch.randn(1, q, hidden, generator=g)
+    mask_features = torch.randn(1, mask_dim, 24, 20, generator=g)
+    pred_mask = torch.randn(1, q, 24, 20, generator=g)
+    pred_mask[0, : q // 2] = -1.0  # half the queries: no pixel > 0
+    with torch.no_grad():
+        full = dec._class_embedding(decoder_output, pred_mask, mask_features)
+        with torch.autocast("cpu", dtype=torch.float16):
+            half = dec._class_embedding(decoder_output.half(), pred_mask.half(), mask_features)
+    assert bool(torch.isfinite(half).all())
+    torch.testing.assert_close(half.float(), full, rtol=0.02, atol=0.02)
+
+
 def _textured(h: int, w: int, seed: int) -> np.ndarray:
     """A blob image with pixel noise: fine detail, where an un-antialiased downscale would differ."""
     img = blob_image(h, w, seed=seed, num_classes=4)[0].astype(np.int16)
