@@ -246,22 +246,28 @@ class EBSeg(nn.Module):
         clip_logits = torch.einsum("bqc,nc->bqn", emb_clip, weight)
 
         pool_mask = F.interpolate(mask_pred, size=dense.shape[-2:], mode="bilinear")
-        binary = (pool_mask.sigmoid() > 0.5).to(dense.dtype)
-        pooled = torch.einsum("bnhw,bchw->bnc", binary / (binary.sum(dim=(-1, -2), keepdim=True) + 1e-8), dense)
-        pooled_logits = torch.einsum("bqc,nc->bqn", pooled, weight)
+        # Pooling and class ensemble in float32 under any autocast: on CPU, float16 autocast keeps
+        # sum/softmax/pow/log in float16 (CUDA runs them in float32), where the 1e-8 guards round to 0:
+        # an empty mask pooled 0/0 = NaN and log(0) * 0 = NaN (decoder.masked_mean says the same).
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            binary = (pool_mask.sigmoid() > 0.5).float()
+            pooled = torch.einsum("bnhw,bchw->bnc", binary / (binary.sum(dim=(-1, -2), keepdim=True) + 1e-8),
+                                  dense.float())
+            mask_logits, clip_logits = mask_logits.float(), clip_logits.float()
+            pooled_logits = torch.einsum("bqc,nc->bqn", pooled, weight)
 
-        p_pool = pooled_logits[..., :-1].softmax(-1)
-        p_mask = mask_logits[..., :-1].softmax(-1)
-        p_clip = clip_logits[..., :-1].softmax(-1)
-        seen = torch.tensor(vocab.seen_flags(), dtype=torch.long, device=p_mask.device)
-        a, b, g = self.config.alpha, self.config.beta, self.config.gamma
-        # Seen classes lean on the training-class embedding (alpha), unseen on CLIP pooling (beta).
-        log_seen = torch.log(1e-8 + (p_mask ** (1 - a - g) * p_pool ** a) * p_clip ** g) * seen
-        log_new = torch.log(1e-8 + p_mask ** (1 - b - g) * p_pool ** b * p_clip ** g) * (1 - seen)
-        ensembled = log_seen + log_new
-        p_bg = F.softmax(mask_logits, dim=-1)[..., -1:]
-        mask_cls = torch.cat([F.softmax(ensembled, dim=-1) * (1 - p_bg), p_bg], dim=-1)
-        mask_cls_log = torch.log(mask_cls + 1e-8)
+            p_pool = pooled_logits[..., :-1].softmax(-1)
+            p_mask = mask_logits[..., :-1].softmax(-1)
+            p_clip = clip_logits[..., :-1].softmax(-1)
+            seen = torch.tensor(vocab.seen_flags(), dtype=torch.long, device=p_mask.device)
+            a, b, g = self.config.alpha, self.config.beta, self.config.gamma
+            # Seen classes lean on the training-class embedding (alpha), unseen on CLIP pooling (beta).
+            log_seen = torch.log(1e-8 + (p_mask ** (1 - a - g) * p_pool ** a) * p_clip ** g) * seen
+            log_new = torch.log(1e-8 + p_mask ** (1 - b - g) * p_pool ** b * p_clip ** g) * (1 - seen)
+            ensembled = log_seen + log_new
+            p_bg = F.softmax(mask_logits, dim=-1)[..., -1:]
+            mask_cls = torch.cat([F.softmax(ensembled, dim=-1) * (1 - p_bg), p_bg], dim=-1)
+            mask_cls_log = torch.log(mask_cls + 1e-8)
 
         if capture is not None:
             self._capture(capture, enc, weight, vocab)
