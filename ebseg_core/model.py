@@ -46,7 +46,7 @@ def autocast_dtype_for(precision: str | None, device: torch.device | str) -> tor
     """The autocast dtype of a precision choice on a device (None = plain float32).
 
     `precision` is "fp32", "bf16", "fp16", or None/"auto" for the device's default: bf16 on GPUs that
-    support it (fp16 on older ones), fp32 on CPU (bf16 autocast is not faster on CPU; see
+    support it (fp16 on older ones), fp32 on CPU (bf16 and fp16 autocast were measured slower there; see
     docs/performance.md).
     """
     device = torch.device(device)
@@ -57,9 +57,6 @@ def autocast_dtype_for(precision: str | None, device: torch.device | str) -> tor
     dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision not in dtypes:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp16" and device.type == "cpu":
-        raise UserError("precision fp16 is refused on CPU: its labels agreed with fp32 on 21% of pixels of a trained "
-                        "model (docs/performance.md); use fp32 or bf16")
     return dtypes[precision]
 
 
@@ -366,11 +363,11 @@ class EBSeg(nn.Module):
 
         Images are batched only with images of the same padded size, so every result equals the
         one-image-at-a-time result of the official evaluation. `precision` ("fp32", "bf16", "fp16",
-        None = "auto"; see `autocast_dtype_for`) runs the model under autocast; the pixel decoder and
-        the final scores stay in float32. `resize` ("pil", "device", None = "auto"; see `resize_mode_for`)
-        chooses where the test resize runs. `output_sizes` (used by test-time augmentation): the images
-        are already resized model inputs (no test resize here) and result k is produced at
-        output_sizes[k] (the official postprocess).
+        None = "auto"; see `autocast_dtype_for`) runs the model under autocast; the pixel decoder, the
+        mask poolings, the class ensemble and the final scores stay in float32. `resize` ("pil",
+        "device", None = "auto"; see `resize_mode_for`) chooses where the test resize runs.
+        `output_sizes` (used by test-time augmentation): the images are already resized model inputs
+        (no test resize here) and result k is produced at output_sizes[k] (the official postprocess).
         """
         autocast_dtype = autocast_dtype_for(precision, self.device)
         resize = resize_mode_for(resize, self.device)
