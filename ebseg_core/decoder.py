@@ -34,6 +34,20 @@ class ChannelLayerNorm(nn.Module):
         return centred * torch.rsqrt(variance + self.eps) * self.weight.view(-1, 1, 1) + self.bias.view(-1, 1, 1)
 
 
+def masked_mean(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean of `features` [B, C, H, W] over each boolean mask of `masks` [B, Q, H, W] -> [B, Q, C];
+    an empty mask gives zeros.
+
+    Always float32, autocast disabled: under float16 autocast on CPU, `sum` stays float16 (CUDA autocast
+    runs it in float32), the 1e-8 guard rounds to 0 in float16 and an empty mask gives 0/0 = NaN; a
+    pixel count above 65504 would also overflow float16. Float32 inputs give the same bits as before.
+    """
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        weights = masks.float()
+        weights = weights / (weights.sum(dim=(-1, -2), keepdim=True) + 1e-8)
+        return torch.einsum("bchw,bqhw->bqc", features.float(), weights)
+
+
 class MLP(nn.Module):
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
         super().__init__()
@@ -233,9 +247,10 @@ class AdaBDecoder(nn.Module):
 
     def _class_embedding(self, decoder_output, pred_mask, mask_features) -> torch.Tensor:
         """Mask-pool the pixel features with the (hard, >0) predicted mask, add the query feature,
-        project to CLIP space, L2-normalise and scale."""
-        mask = (pred_mask.detach() > 0).to(pred_mask.dtype)
-        pooled = torch.einsum("bchw,bqhw->bqc", mask_features, mask / (mask.sum(dim=(-1, -2), keepdim=True) + 1e-8))
+        project to CLIP space, L2-normalise and scale.
+
+        The pooling runs in float32 under any autocast (`masked_mean`)."""
+        pooled = masked_mean(mask_features, pred_mask.detach() > 0)
         emb = self.mask_embed1(self.pool_proj(pooled) + decoder_output)
         return torch.clamp(self.logit_scale, max=10) * F.normalize(emb, dim=-1)
 

@@ -46,7 +46,7 @@ def autocast_dtype_for(precision: str | None, device: torch.device | str) -> tor
     """The autocast dtype of a precision choice on a device (None = plain float32).
 
     `precision` is "fp32", "bf16", "fp16", or None/"auto" for the device's default: bf16 on GPUs that
-    support it (fp16 on older ones), fp32 on CPU (bf16 autocast is not faster on CPU; see
+    support it (fp16 on older ones), fp32 on CPU (bf16 and fp16 autocast were measured slower there; see
     docs/performance.md).
     """
     device = torch.device(device)
@@ -57,9 +57,6 @@ def autocast_dtype_for(precision: str | None, device: torch.device | str) -> tor
     dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision not in dtypes:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp16" and device.type == "cpu":
-        raise UserError("precision fp16 is refused on CPU: its labels agreed with fp32 on 21% of pixels of a trained "
-                        "model (docs/performance.md); use fp32 or bf16")
     return dtypes[precision]
 
 
@@ -246,22 +243,28 @@ class EBSeg(nn.Module):
         clip_logits = torch.einsum("bqc,nc->bqn", emb_clip, weight)
 
         pool_mask = F.interpolate(mask_pred, size=dense.shape[-2:], mode="bilinear")
-        binary = (pool_mask.sigmoid() > 0.5).to(dense.dtype)
-        pooled = torch.einsum("bnhw,bchw->bnc", binary / (binary.sum(dim=(-1, -2), keepdim=True) + 1e-8), dense)
-        pooled_logits = torch.einsum("bqc,nc->bqn", pooled, weight)
+        # Pooling and class ensemble in float32 under any autocast: on CPU, float16 autocast keeps
+        # sum/softmax/pow/log in float16 (CUDA runs them in float32), where the 1e-8 guards round to 0:
+        # an empty mask pooled 0/0 = NaN and log(0) * 0 = NaN (decoder.masked_mean says the same).
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            binary = (pool_mask.sigmoid() > 0.5).float()
+            pooled = torch.einsum("bnhw,bchw->bnc", binary / (binary.sum(dim=(-1, -2), keepdim=True) + 1e-8),
+                                  dense.float())
+            mask_logits, clip_logits = mask_logits.float(), clip_logits.float()
+            pooled_logits = torch.einsum("bqc,nc->bqn", pooled, weight)
 
-        p_pool = pooled_logits[..., :-1].softmax(-1)
-        p_mask = mask_logits[..., :-1].softmax(-1)
-        p_clip = clip_logits[..., :-1].softmax(-1)
-        seen = torch.tensor(vocab.seen_flags(), dtype=torch.long, device=p_mask.device)
-        a, b, g = self.config.alpha, self.config.beta, self.config.gamma
-        # Seen classes lean on the training-class embedding (alpha), unseen on CLIP pooling (beta).
-        log_seen = torch.log(1e-8 + (p_mask ** (1 - a - g) * p_pool ** a) * p_clip ** g) * seen
-        log_new = torch.log(1e-8 + p_mask ** (1 - b - g) * p_pool ** b * p_clip ** g) * (1 - seen)
-        ensembled = log_seen + log_new
-        p_bg = F.softmax(mask_logits, dim=-1)[..., -1:]
-        mask_cls = torch.cat([F.softmax(ensembled, dim=-1) * (1 - p_bg), p_bg], dim=-1)
-        mask_cls_log = torch.log(mask_cls + 1e-8)
+            p_pool = pooled_logits[..., :-1].softmax(-1)
+            p_mask = mask_logits[..., :-1].softmax(-1)
+            p_clip = clip_logits[..., :-1].softmax(-1)
+            seen = torch.tensor(vocab.seen_flags(), dtype=torch.long, device=p_mask.device)
+            a, b, g = self.config.alpha, self.config.beta, self.config.gamma
+            # Seen classes lean on the training-class embedding (alpha), unseen on CLIP pooling (beta).
+            log_seen = torch.log(1e-8 + (p_mask ** (1 - a - g) * p_pool ** a) * p_clip ** g) * seen
+            log_new = torch.log(1e-8 + p_mask ** (1 - b - g) * p_pool ** b * p_clip ** g) * (1 - seen)
+            ensembled = log_seen + log_new
+            p_bg = F.softmax(mask_logits, dim=-1)[..., -1:]
+            mask_cls = torch.cat([F.softmax(ensembled, dim=-1) * (1 - p_bg), p_bg], dim=-1)
+            mask_cls_log = torch.log(mask_cls + 1e-8)
 
         if capture is not None:
             self._capture(capture, enc, weight, vocab)
@@ -360,11 +363,11 @@ class EBSeg(nn.Module):
 
         Images are batched only with images of the same padded size, so every result equals the
         one-image-at-a-time result of the official evaluation. `precision` ("fp32", "bf16", "fp16",
-        None = "auto"; see `autocast_dtype_for`) runs the model under autocast; the pixel decoder and
-        the final scores stay in float32. `resize` ("pil", "device", None = "auto"; see `resize_mode_for`)
-        chooses where the test resize runs. `output_sizes` (used by test-time augmentation): the images
-        are already resized model inputs (no test resize here) and result k is produced at
-        output_sizes[k] (the official postprocess).
+        None = "auto"; see `autocast_dtype_for`) runs the model under autocast; the pixel decoder, the
+        mask poolings, the class ensemble and the final scores stay in float32. `resize` ("pil",
+        "device", None = "auto"; see `resize_mode_for`) chooses where the test resize runs.
+        `output_sizes` (used by test-time augmentation): the images are already resized model inputs
+        (no test resize here) and result k is produced at output_sizes[k] (the official postprocess).
         """
         autocast_dtype = autocast_dtype_for(precision, self.device)
         resize = resize_mode_for(resize, self.device)

@@ -98,8 +98,10 @@ def add_model_arguments(group, random_weights_help: str) -> None:
                        help="cap on the longer side the model sees (default: the preset's, 2560)")
     group.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                        help="model precision: auto (bf16 on GPUs that support it, fp16 on older GPUs, fp32 on "
-                            "CPU), fp32, bf16 or fp16 (default: %(default)s; fp16 is refused on CPU, where it gave "
-                            "wrong labels; agreement figures: docs/performance.md)")
+                            "CPU), fp32, bf16 or fp16 (default: %(default)s; label maps agree with fp32 on 99.96%% "
+                            "(bf16) and 99.99%% (fp16) of pixels of a trained tiny model on CPU, 2026-11-30; on a "
+                            "CPU without fp16/bf16 matrix units both run slower than fp32; figures and commands: "
+                            "docs/performance.md)")
 
 
 def command_name(module_name: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -230,14 +231,12 @@ def test_autocast_bfloat16_stays_close_to_float32():
 
 
 def test_precision_choice_maps_to_autocast():
-    from ebseg_core import UserError
     from ebseg_core.model import autocast_dtype_for
 
     assert autocast_dtype_for("fp32", "cpu") is None
     assert autocast_dtype_for("bf16", "cpu") is torch.bfloat16
     assert autocast_dtype_for("fp16", "cuda") is torch.float16
-    with pytest.raises(UserError, match="fp16 is refused on CPU"):
-        autocast_dtype_for("fp16", "cpu")
+    assert autocast_dtype_for("fp16", "cpu") is torch.float16
     assert autocast_dtype_for(None, "cpu") is None  # CPU default: fp32
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         autocast_dtype_for("fp8", "cpu")
@@ -251,6 +250,46 @@ def test_precision_choice_maps_to_autocast():
     assert not torch.equal(by_name.scores, full.scores)  # bf16 really ran
     scores = model.forward_eval([model.prepare_image(image)], vocab, precision="bf16")[0]
     assert scores.dtype == torch.float32
+
+
+def test_class_embedding_of_empty_mask_finite_under_float16_autocast():
+    """An empty predicted mask (a query that predicts no object: most queries of a trained model) pools
+    to zeros. Under float16 autocast on CPU the old pooling gave 0/0 = NaN (its 1e-8 guard is 0 in
+    float16), which turned the labels of a trained model to noise."""
+    model = _tiny()
+    dec = model.sem_seg_head.predictor
+    g = torch.Generator().manual_seed(0)
+    q, hidden = model.config.decoder.num_queries, model.config.decoder.hidden_dim
+    mask_dim = model.config.pixel_decoder.mask_dim
+    decoder_output = torch.randn(1, q, hidden, generator=g)
+    mask_features = torch.randn(1, mask_dim, 24, 20, generator=g)
+    pred_mask = torch.randn(1, q, 24, 20, generator=g)
+    pred_mask[0, : q // 2] = -1.0  # half the queries: no pixel > 0
+    with torch.no_grad():
+        full = dec._class_embedding(decoder_output, pred_mask, mask_features)
+        with torch.autocast("cpu", dtype=torch.float16):
+            half = dec._class_embedding(decoder_output.half(), pred_mask.half(), mask_features)
+    assert bool(torch.isfinite(half).all())
+    torch.testing.assert_close(half.float(), full, rtol=0.02, atol=0.02)
+
+
+def test_float16_segment_matches_float32_with_empty_masks_and_large_logits():
+    """Every mask empty (zero mask embeddings: mask logits exactly 0) and a large logit scale (class
+    probabilities below float16's smallest value): fp16 segment scores stay finite and give fp32's
+    labels. Fails when the mask pooling or the class ensemble runs in float16 on CPU (NaN)."""
+    model = _tiny()
+    last = model.sem_seg_head.predictor.mask_embed.layers[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+        model.ov_classifier.logit_scale.fill_(math.log(1000.0))
+    vocab = Vocabulary.parse("a,b,c").with_seen([True, False, True])
+    images = [blob_image(64, 80, seed=s, num_classes=3)[0] for s in (1, 2)]
+    full = model.segment(images, vocab, return_scores=True, precision="fp32")
+    half = model.segment(images, vocab, return_scores=True, precision="fp16")
+    for a, b in zip(full, half):
+        assert bool(torch.isfinite(b.scores).all()) and bool(torch.isfinite(b.confidence).all())
+        assert float((a.label_map == b.label_map).float().mean()) > 0.99
 
 
 def _textured(h: int, w: int, seed: int) -> np.ndarray:
