@@ -78,7 +78,8 @@ def train(items, iters: int, lr: float, seed: int, init: dict | None = None,
         total = sum(module(images, targets).values())
         opt.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.solver.clip_grad_norm)
+        if cfg.solver.clip_grad_norm > 0:  # as the training job: <= 0 disables
+            torch.nn.utils.clip_grad_norm_(params, cfg.solver.clip_grad_norm)
         opt.step()
         sched.step()
     return model.eval()
