@@ -52,9 +52,9 @@ def world(seed: int, n: int, offset: int) -> list[tuple[np.ndarray, np.ndarray]]
 
 
 def train(items, iters: int, lr: float, seed: int, init: dict | None = None,
-          ignore_is_unknown: bool = False) -> torch.nn.Module:
+          ignore_is_unknown: bool = False, overrides: tuple[str, ...] = ()) -> torch.nn.Module:
     """The training job's loop on one worker over in-memory (image, label) pairs."""
-    cfg = load_config(BLOB_CONFIG, [f"solver.max_iter={iters}", f"solver.base_lr={lr}"])
+    cfg = load_config(BLOB_CONFIG, [*overrides, f"solver.max_iter={iters}", f"solver.base_lr={lr}"])
     torch.manual_seed(seed)
     model = build_training_model(cfg.model)
     if init is not None:
@@ -102,8 +102,8 @@ def miou(preds, items) -> float:
 def run_seed(seed: int, cfg: SelfTrainConfig, log=print) -> dict:
     labelled, lake, held = world(seed, cfg.labelled, 0), world(seed, cfg.lake, 1), world(seed, cfg.held_out, 2)
     t0 = time.perf_counter()
-    base_lr = load_config(BLOB_CONFIG, []).solver.base_lr
-    base = train(labelled, cfg.base_iters, base_lr, seed)
+    base_lr = load_config(BLOB_CONFIG, list(cfg.overrides)).solver.base_lr
+    base = train(labelled, cfg.base_iters, base_lr, seed, overrides=cfg.overrides)
     state = {k: v.detach().clone() for k, v in base.state_dict().items()}
     pseudo = label(base, lake)
     out = {"seed": seed, "before": miou(label(base, held), held), "lake": miou(pseudo, lake)}
@@ -121,7 +121,7 @@ def run_seed(seed: int, cfg: SelfTrainConfig, log=print) -> dict:
         f"{time.perf_counter() - t0:.0f} s")
     for name, items in variants.items():
         tuned = train(items, cfg.finetune_iters, cfg.finetune_lr, seed + 1, init=state,
-                      ignore_is_unknown=name != "control")
+                      ignore_is_unknown=name != "control", overrides=cfg.overrides)
         out[name] = miou(label(tuned, held), held)
         log(f"seed {seed}: {name} {out[name]:.1f}; {time.perf_counter() - t0:.0f} s")
     return out
@@ -136,13 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--most-confident", type=float, default=SelfTrainConfig.most_confident)
     p.add_argument("--min-pixel-confidence", type=float, default=SelfTrainConfig.min_pixel_confidence,
                    help="lake pixels below it are unknown in the fine-tune (skipped by the mask losses)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="more configs/tiny_blobs.yaml overrides for every run, e.g. augment.color_aug=false")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = SelfTrainConfig("", base_iters=args.base_iters, finetune_iters=args.finetune_iters,
                           finetune_lr=args.finetune_lr, most_confident=args.most_confident,
-                          min_pixel_confidence=args.min_pixel_confidence)
+                          min_pixel_confidence=args.min_pixel_confidence, overrides=tuple(args.set))
     results = [run_seed(s, cfg) for s in args.seeds]
     print("seed  before  recipe  control  all_lake  recipe-control")
     for r in results:

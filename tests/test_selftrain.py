@@ -112,3 +112,14 @@ def test_truth_rows_read_back_as_the_truth(tmp_path):
         known = truth != 255
         assert image.shape[:2] == truth.shape and (label[known] == truth[known]).all()
         assert 0 < (~known).sum() and set(np.unique(label[~known])) <= set(range(len(CLASS_NAMES)))
+
+
+def test_bench_selftrain_imports_what_the_training_job_has(capsys):
+    """The in-process comparison builds on the training job's pieces; a rename there must fail here,
+    not in the next person's measurement (it once imported a loss class that no longer existed)."""
+    from bench import bench_selftrain
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_selftrain.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--min-pixel-confidence" in capsys.readouterr().out
