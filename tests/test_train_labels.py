@@ -3,6 +3,7 @@ read images and label rows by URI, and `model.checkpoint` fine-tunes from a run 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -17,6 +18,7 @@ from pipeline.label_source import LabelSourceSpec, list_label_samples
 from tests.conftest import REPO_ROOT
 from tests.test_checkpoints import TINY_RUN
 from tests.test_curate_data import build_label_dataset
+from tests.train_faults import LoaderCheckingTrainer
 
 CONFIG = str(REPO_ROOT / "configs" / "tiny_generic.yaml")
 QUERY = {"classes": [{"name": "car", "min_fraction": 0.02}], "without": ["road"],
@@ -74,14 +76,17 @@ def test_label_source_mistakes_are_one_line(lake, tmp_path, capsys, extra, messa
 
 def test_fine_tune_from_label_parquet_with_a_query(lake, ray_local, tmp_path):
     """A few iterations from the base run on the selected label rows: the workers read label rows (a
-    generic reader would refuse the row references), and the result carries the query's classes."""
+    generic reader would refuse the row references), treat their ignore pixels as unknown, and the
+    result carries the query's classes."""
     from safetensors.torch import load_file
 
     from pipeline.train import load_config, train
 
     fx, run = lake
+    # Its loader must read pseudo-label ignore pixels as unknown (the losses skip them), not as "no class".
+    checking = functools.partial(LoaderCheckingTrainer, expect_unknown=True)
     result = train(load_config(CONFIG, _overrides(fx, run, tmp_path, "run.name=ft", "solver.max_iter=3",
-                                                  "run.checkpoint_period=3")))
+                                                  "run.checkpoint_period=3")), trainer=checking)
     assert [h[0] for h in result["loss_history"]] == [1, 2, 3] and result["bad_samples"] == 0
     assert "--vocabulary 'grass;lawn;turf,car;automobile,edge'" in result["label_command"]
     tuned = resolve_checkpoint(result["run_dir"])

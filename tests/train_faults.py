@@ -1,4 +1,4 @@
-"""TEST ONLY: make a training run fail once, from outside the training code.
+"""TEST ONLY: make a training run fail once, or check what its loader does, from outside the training code.
 
 :class:`FailOnceTrainer` is the real ``pipeline.train.Trainer`` except that its report after iteration
 ``fail_after`` raises, on the first attempt only (an attempt that resumed from a checkpoint runs
@@ -26,6 +26,22 @@ class FailOnceTrainer(Trainer):
         if self.resumed_from is None and metrics["iteration"] > self.fail_after:
             raise RuntimeError(f"injected failure at iteration {metrics['iteration']} (tests/train_faults.py)")
         super().report(metrics, checkpoint_dir)
+
+
+class LoaderCheckingTrainer(Trainer):
+    """The real Trainer, except that its run fails unless the data loader reads ignore pixels as
+    ``expect_unknown`` says (label Parquet: unknown, skipped by the losses; truth datasets: official)."""
+
+    def __init__(self, payload: dict, *, expect_unknown: bool):
+        super().__init__(payload)
+        self.expect_unknown = expect_unknown
+
+    def _loader(self):
+        loader = super()._loader()
+        if loader.dataset.ignore_is_unknown != self.expect_unknown:
+            raise AssertionError(f"the loader's ignore_is_unknown is {loader.dataset.ignore_is_unknown}, "
+                                 f"expected {self.expect_unknown} (tests/train_faults.py)")
+        return loader
 
 
 def main(argv: list[str]) -> int:
