@@ -19,7 +19,7 @@ from torch import nn
 
 from .clip import CLIPFeatureExtractor, CLIPRecognitionHead, OpenVocabClassifier
 from .config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, SAM_PIXEL_MEAN, SAM_PIXEL_STD, EBSegConfig
-from .decoder import EBSegHead
+from .decoder import EBSegHead, masked_mean
 from .errors import UserError
 from .model_spec import resized_shape
 from .sam_backbone import SAMBackbone
@@ -245,11 +245,9 @@ class EBSeg(nn.Module):
         pool_mask = F.interpolate(mask_pred, size=dense.shape[-2:], mode="bilinear")
         # Pooling and class ensemble in float32 under any autocast: on CPU, float16 autocast keeps
         # sum/softmax/pow/log in float16 (CUDA runs them in float32), where the 1e-8 guards round to 0:
-        # an empty mask pooled 0/0 = NaN and log(0) * 0 = NaN (decoder.masked_mean says the same).
+        # an empty mask pooled 0/0 = NaN (decoder.masked_mean) and log(0) * 0 = NaN.
         with torch.autocast(device_type=self.device.type, enabled=False):
-            binary = (pool_mask.sigmoid() > 0.5).float()
-            pooled = torch.einsum("bnhw,bchw->bnc", binary / (binary.sum(dim=(-1, -2), keepdim=True) + 1e-8),
-                                  dense.float())
+            pooled = masked_mean(dense, pool_mask.sigmoid() > 0.5)
             mask_logits, clip_logits = mask_logits.float(), clip_logits.float()
             pooled_logits = torch.einsum("bqc,nc->bqn", pooled, weight)
 
