@@ -130,6 +130,8 @@ def run_seed(seed: int, cfg: SelfTrainConfig, log=print) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--labelled", type=int, default=SelfTrainConfig.labelled, help="images with truth")
+    p.add_argument("--lake", type=int, default=SelfTrainConfig.lake, help="unlabelled images to pseudo-label")
     p.add_argument("--base-iters", type=int, default=SelfTrainConfig.base_iters)
     p.add_argument("--finetune-iters", type=int, default=SelfTrainConfig.finetune_iters)
     p.add_argument("--finetune-lr", type=float, default=SelfTrainConfig.finetune_lr)
@@ -142,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = SelfTrainConfig("", base_iters=args.base_iters, finetune_iters=args.finetune_iters,
-                          finetune_lr=args.finetune_lr, most_confident=args.most_confident,
-                          min_pixel_confidence=args.min_pixel_confidence, overrides=tuple(args.set))
+    cfg = SelfTrainConfig("", labelled=args.labelled, lake=args.lake, base_iters=args.base_iters,
+                          finetune_iters=args.finetune_iters, finetune_lr=args.finetune_lr,
+                          most_confident=args.most_confident, min_pixel_confidence=args.min_pixel_confidence,
+                          overrides=tuple(args.set))
     results = [run_seed(s, cfg) for s in args.seeds]
     print("seed  before  recipe  control  all_lake  recipe-control")
     for r in results:

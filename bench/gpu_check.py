@@ -31,12 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bench_model import (  # noqa: E402
+    build_random_model,
     forward_gflop,
     matmul_gflops,
     random_image,
     timed,
     train_tiny,
-    use_random_text_embeddings,
 )
 
 
@@ -219,12 +219,11 @@ def main() -> int:
     elif dry:
         table.add("cuda_ops build + kernel vs fallback", "skipped (no CUDA device)")
 
-    from ebseg_core import Vocabulary, build_model, with_inference_settings
+    from ebseg_core import Vocabulary, with_inference_settings
 
-    model = build_model(preset, device=device)
+    model = build_random_model(preset, device)
     model.config = with_inference_settings(model.config, size=min(size), max_size=max(size))
     vocab = Vocabulary.preset("ade150")
-    use_random_text_embeddings(model, vocab)
     agreement(table, model, vocab, size, precisions, f"{preset} random weights")
     trained_agreement(table, device, 8 if dry else 300, 64 if dry else 128, precisions)
 

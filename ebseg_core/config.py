@@ -36,6 +36,9 @@ VILD_TEMPLATES = (
 )
 
 
+CLASS_EMBEDDINGS = ("tower", "name-hash")  # CLIPConfig.class_embeddings
+
+
 @dataclass
 class CLIPConfig:
     """Dimensions of the (OpenAI-style, quick-GELU) CLIP model and how EBSeg splits it."""
@@ -58,6 +61,11 @@ class CLIPConfig:
     # open_clip model name and pretrained tag used to initialise from released CLIP weights.
     open_clip_name: str = "ViT-B-16"
     open_clip_pretrained: str = "openai"
+    # Where class embeddings come from: "tower" (the text tower over the prompt templates, as EBSeg) or
+    # "name-hash", a stand-in where no trained tower exists: each prompt name its own fixed random unit
+    # vector (seeded by the name), far apart like a trained CLIP's. The tiny preset's random tower maps
+    # every name to nearly one vector (cosine 0.98+), so its classifier could not tell classes apart.
+    class_embeddings: str = "tower"
 
     @property
     def surgery_start(self) -> int:
@@ -163,6 +171,8 @@ class EBSegConfig:
             problems.append("pixel_decoder.conv_dim must equal decoder.hidden_dim")
         if self.clip.text_width != self.clip.embed_dim:
             problems.append("clip.text_width must equal clip.embed_dim (background embedding size)")
+        if self.clip.class_embeddings not in CLASS_EMBEDDINGS:
+            problems.append(f"clip.class_embeddings must be one of {', '.join(CLASS_EMBEDDINGS)}")
         if self.clip.vision_width % self.clip.vision_heads:
             problems.append("clip.vision_width must be divisible by clip.vision_heads")
         if not 0 < self.clip.split_layer <= self.clip.vision_layers:
@@ -196,7 +206,7 @@ def _ebseg_tiny() -> EBSegConfig:
         clip=CLIPConfig(
             embed_dim=32, vision_width=64, vision_layers=12, vision_heads=4, patch_size=16,
             image_size=224, text_width=32, text_layers=12, text_heads=2, split_layer=9,
-            fusion_layers=(3, 6, 9), open_clip_name="", open_clip_pretrained="",
+            fusion_layers=(3, 6, 9), open_clip_name="", open_clip_pretrained="", class_embeddings="name-hash",
         ),
         sam=SAMConfig(embed_dim=48, depth=12, num_heads=3, global_attn_indexes=(2, 5, 8, 11)),
         pixel_decoder=PixelDecoderConfig(conv_dim=64, mask_dim=64, num_heads=8, num_points=4,

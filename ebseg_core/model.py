@@ -39,6 +39,19 @@ def text_cache_dir() -> Path:
     return Path(os.environ.get("EBSEG_CACHE_DIR", Path.home() / ".cache" / "ebseg")) / "text_embeddings"
 
 
+def name_hash_embeddings(names: list[str], dim: int) -> torch.Tensor:
+    """[C, dim] unit vectors, one per name, seeded by its SHA-256 (the same in every process and run).
+
+    Names are compared as CLIP's tokenizer reads them (lower case, whitespace collapsed).
+    """
+    rows = []
+    for name in names:
+        digest = hashlib.sha256(" ".join(name.lower().split()).encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        rows.append(torch.randn(dim, generator=g))
+    return F.normalize(torch.stack(rows), dim=-1)
+
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -169,10 +182,15 @@ class EBSeg(nn.Module):
                             for t in self.config.templates])
 
     def class_text_embeddings(self, vocab: Vocabulary) -> torch.Tensor:
-        """[C, E] template-averaged class embeddings, cached in memory and on disk."""
+        """[C, E] class embeddings (``config.clip.class_embeddings``); the tower's template averages are
+        cached in memory and on disk."""
         key = vocab.id
         if key in self._text_cache:
             return self._text_cache[key]
+        if self.config.clip.class_embeddings == "name-hash":
+            emb = name_hash_embeddings(vocab.names, self.config.clip.embed_dim).to(self.device)
+            self._text_cache[key] = emb
+            return emb
         names_hash = hashlib.sha1(repr(vocab.names).encode()).hexdigest()[:20]
         path = text_cache_dir() / f"{self._fingerprint()}-{names_hash}.pt"
         emb = None

@@ -108,11 +108,11 @@ def test_fixed_coordinates_final_prediction(ref):
 @pytest.fixture(scope="module")
 def tiny_outputs(ref):
     """The tiny model (fixture weights) in train mode on the fixture's train batch."""
-    from ebseg_core.config import preset_config
+    from ebseg_core.config import config_from_fixture
     from ebseg_core.model import EBSeg
     from ebseg_core.vocabulary import Vocabulary
 
-    model = EBSeg(preset_config("ebseg-tiny"))
+    model = EBSeg(config_from_fixture(json.loads((FIXTURE / "config.json").read_text())))
     weights = load_file(FIXTURE / "weights.safetensors")
     # criterion.empty_weight is the reference criterion's buffer; ours lives in EBSegCriterion.
     missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("criterion.")})

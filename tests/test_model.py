@@ -15,6 +15,7 @@ import torch
 from ebseg_core import (
     CheckpointError,
     EBSeg,
+    UserError,
     Vocabulary,
     build_model,
     load_open_clip_weights,
@@ -110,18 +111,49 @@ def test_segment_scores_and_validation():
         model.segment([img.astype(np.float32)], vocab)
 
 
+def _tiny_with_text_tower() -> EBSeg:
+    clip = dataclasses.replace(preset_config("ebseg-tiny").clip, class_embeddings="tower")
+    return _tiny(clip=clip)
+
+
 def test_text_embeddings_cached_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("EBSEG_CACHE_DIR", str(tmp_path))
-    model = _tiny()
+    model = _tiny_with_text_tower()
     vocab = Vocabulary.parse("cat,dog")
     first = model.class_text_embeddings(vocab)
     files = list((tmp_path / "text_embeddings").glob("*.pt"))
     assert len(files) == 1
-    fresh = _tiny()
+    fresh = _tiny_with_text_tower()
     calls = []
     monkeypatch.setattr(fresh.ov_classifier, "class_embeddings", lambda t: calls.append(t))
     torch.testing.assert_close(fresh.class_text_embeddings(vocab), first)
     assert calls == []  # served from disk, no text encoding
+
+
+def test_name_hash_class_embeddings_are_far_apart_and_the_same_in_every_model(tmp_path, monkeypatch):
+    """The tiny preset's stand-in for a trained text tower: distinct names get nearly orthogonal unit
+    vectors (its random tower gives cosine 0.98+), a name gets one vector whatever model or process asks."""
+    monkeypatch.setenv("EBSEG_CACHE_DIR", str(tmp_path))
+    names = [f"class {i}" for i in range(12)]
+    emb = _tiny().class_text_embeddings(Vocabulary.parse(",".join(names)))
+    assert emb.shape == (12, preset_config("ebseg-tiny").clip.embed_dim)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(12))
+    cosine = emb @ emb.T
+    assert cosine[~torch.eye(12, dtype=torch.bool)].abs().max() < 0.7
+    torch.manual_seed(123)  # other random weights, a reordered vocabulary, another spelling of a name
+    other = build_model("ebseg-tiny").class_text_embeddings(Vocabulary.parse("Class  3,class 0"))
+    torch.testing.assert_close(other, emb[[3, 0]])
+    assert not list(tmp_path.rglob("*.pt"))  # nothing to cache: no tower runs
+
+    tower = _tiny_with_text_tower().class_text_embeddings(Vocabulary.parse(",".join(names)))
+    assert (tower @ tower.T).min() > 0.9  # why the stand-in exists (random tower: nearly one vector)
+
+
+def test_unknown_class_embeddings_setting_is_refused():
+    cfg = preset_config("ebseg-tiny")
+    cfg = dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, class_embeddings="word2vec"))
+    with pytest.raises(UserError, match="class_embeddings must be one of tower, name-hash"):
+        build_model(cfg)
 
 
 def test_checkpoint_round_trip_and_errors(tmp_path):
@@ -313,7 +345,6 @@ def test_device_resize_within_one_level_of_pil(size):
 
 
 def test_segment_resize_paths():
-    from ebseg_core import UserError
     from ebseg_core.model import device_resize, resized_shape
 
     model = _tiny()
