@@ -37,18 +37,25 @@ from ebseg_core.data.synthetic import blob_image  # noqa: E402
 from ebseg_core.evaluation import SemSegEvaluator  # noqa: E402
 from ebseg_core.solver import PolyLR, build_optimizer  # noqa: E402
 from ebseg_core.train_data import Sample, TrainSampleDataset, collate_train  # noqa: E402
+from ebseg_core.tta import TTAConfig, segment_tta  # noqa: E402
 from ebseg_core.vocabulary import Vocabulary  # noqa: E402
 from pipeline.selftrain import BLOB_CONFIG, CLASS_NAMES, WORLD_SIZES, SelfTrainConfig  # noqa: E402
 from pipeline.train import build_training_model, load_config  # noqa: E402
 
 K = len(CLASS_NAMES)
+VARIANTS = ("recipe", "control", "all_lake")
 VOCAB = Vocabulary.parse(",".join(CLASS_NAMES))
 
 
-def world(seed: int, n: int, offset: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The images ``pipeline.selftrain.write_world`` writes for this seed and set (0 labelled, 1 lake, 2 held out)."""
+def world(seed: int, n: int, offset: int, look: str = "same") -> list[tuple[np.ndarray, np.ndarray]]:
+    """The images ``pipeline.selftrain.write_world`` writes for this seed and set (0 labelled, 1 lake, 2 held
+    out); ``look="dark"``: another camera at dusk (x0.55 and noise of sd 12 levels), for the lake's case."""
     base = seed * 100_000 + offset * 10_000
-    return [blob_image(*WORLD_SIZES[i % len(WORLD_SIZES)], base + i, num_classes=K) for i in range(n)]
+    items = [blob_image(*WORLD_SIZES[i % len(WORLD_SIZES)], base + i, num_classes=K) for i in range(n)]
+    if look == "dark":
+        rng = np.random.default_rng(base)
+        items = [(np.clip(im * 0.55 + rng.normal(0, 12, im.shape), 0, 255).astype(np.uint8), lab) for im, lab in items]
+    return items
 
 
 def train(items, iters: int, lr: float, seed: int, init: dict | None = None,
@@ -85,10 +92,15 @@ def train(items, iters: int, lr: float, seed: int, init: dict | None = None,
     return model.eval()
 
 
-def label(model, items) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(label map, confidence) per image; the confidence rounded to float16 as label Parquet stores it."""
+def label(model, items, tta_sizes: tuple[int, ...] = ()) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(label map, confidence) per image; the confidence rounded to float16 as label Parquet stores it.
+    ``tta_sizes``: average the scores over these scales and their flips (``ebseg_core.tta``)."""
     with torch.no_grad():
-        res = model.segment([img for img, _ in items], VOCAB, batch_size=8)
+        if tta_sizes:
+            res = segment_tta(model, [img for img, _ in items], VOCAB, batch_size=8,
+                              config=TTAConfig(min_sizes=tta_sizes, max_size=4 * max(tta_sizes)))
+        else:
+            res = model.segment([img for img, _ in items], VOCAB, batch_size=8)
     return [(r.label_map.numpy(), r.confidence.numpy().astype(np.float16).astype(np.float32)) for r in res]
 
 
@@ -99,13 +111,15 @@ def miou(preds, items) -> float:
     return float(ev.compute()["mIoU"])
 
 
-def run_seed(seed: int, cfg: SelfTrainConfig, log=print) -> dict:
-    labelled, lake, held = world(seed, cfg.labelled, 0), world(seed, cfg.lake, 1), world(seed, cfg.held_out, 2)
+def run_seed(seed: int, cfg: SelfTrainConfig, log=print, variants=VARIANTS, look: str = "same",
+             teacher_tta: tuple[int, ...] = ()) -> dict:
+    labelled = world(seed, cfg.labelled, 0)
+    lake, held = world(seed, cfg.lake, 1, look), world(seed, cfg.held_out, 2, look)
     t0 = time.perf_counter()
     base_lr = load_config(BLOB_CONFIG, list(cfg.overrides)).solver.base_lr
     base = train(labelled, cfg.base_iters, base_lr, seed, overrides=cfg.overrides)
     state = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    pseudo = label(base, lake)
+    pseudo = label(base, lake, teacher_tta)
     out = {"seed": seed, "before": miou(label(base, held), held), "lake": miou(pseudo, lake)}
     order = np.argsort([-conf.mean() for _, conf in pseudo], kind="stable")
     top = order[: int(np.ceil(cfg.most_confident * len(order)))]  # most confident first
@@ -116,11 +130,11 @@ def run_seed(seed: int, cfg: SelfTrainConfig, log=print) -> dict:
         if cfg.min_pixel_confidence is not None:  # unknown pixels, skipped by the losses as in the training job
             lab = np.where(conf < cfg.min_pixel_confidence, 255, lab).astype(np.uint8)
         rows.append((image, lab))
-    variants = {"recipe": [rows[i] for i in top] + labelled, "control": labelled, "all_lake": rows + labelled}
+    runs = {"recipe": [rows[i] for i in top] + labelled, "control": labelled, "all_lake": rows + labelled}
     log(f"seed {seed}: base {out['before']:.1f}, pseudo-labels {out['lake']:.1f} (kept {out['lake_kept']:.1f}); "
         f"{time.perf_counter() - t0:.0f} s")
-    for name, items in variants.items():
-        tuned = train(items, cfg.finetune_iters, cfg.finetune_lr, seed + 1, init=state,
+    for name in variants:
+        tuned = train(runs[name], cfg.finetune_iters, cfg.finetune_lr, seed + 1, init=state,
                       ignore_is_unknown=name != "control", overrides=cfg.overrides)
         out[name] = miou(label(tuned, held), held)
         log(f"seed {seed}: {name} {out[name]:.1f}; {time.perf_counter() - t0:.0f} s")
@@ -140,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="lake pixels below it are unknown in the fine-tune (skipped by the mask losses)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="more configs/tiny_blobs.yaml overrides for every run, e.g. augment.color_aug=false")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--look", choices=("same", "dark"), default="same",
+                   help="the lake's and held-out images' look: 'dark' = another camera at dusk (labelled: same)")
+    p.add_argument("--teacher-tta", default="", metavar="SIZES",
+                   help="pseudo-label the lake with test-time augmentation at these shorter sides, e.g. 48,64,96,128")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -148,11 +167,13 @@ def main(argv: list[str] | None = None) -> int:
                           finetune_iters=args.finetune_iters, finetune_lr=args.finetune_lr,
                           most_confident=args.most_confident, min_pixel_confidence=args.min_pixel_confidence,
                           overrides=tuple(args.set))
-    results = [run_seed(s, cfg) for s in args.seeds]
+    tta = tuple(int(x) for x in args.teacher_tta.split(",") if x)
+    results = [run_seed(s, cfg, variants=args.variants, look=args.look, teacher_tta=tta) for s in args.seeds]
     print("seed  before  recipe  control  all_lake  recipe-control")
     for r in results:
-        print(f"{r['seed']:>4}  {r['before']:6.1f}  {r['recipe']:6.1f}  {r['control']:7.1f}  {r['all_lake']:8.1f}  "
-              f"{r['recipe'] - r['control']:+14.1f}")
+        cells = [f"{r[v]:.1f}" if v in r else "-" for v in VARIANTS]
+        gain = f"{r['recipe'] - r['control']:+14.1f}" if "recipe" in r and "control" in r else ""
+        print(f"{r['seed']:>4}  {r['before']:6.1f}  {cells[0]:>6}  {cells[1]:>7}  {cells[2]:>8}  {gain}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
