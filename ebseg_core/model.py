@@ -188,9 +188,9 @@ class EBSeg(nn.Module):
         if key in self._text_cache:
             return self._text_cache[key]
         if self.config.clip.class_embeddings == "name-hash":
-            emb = name_hash_embeddings(vocab.names, self.config.clip.embed_dim).to(self.device)
-            self._text_cache[key] = emb
-            return emb
+            hashed = name_hash_embeddings(vocab.names, self.config.clip.embed_dim).to(self.device)
+            self._text_cache[key] = hashed
+            return hashed
         names_hash = hashlib.sha1(repr(vocab.names).encode()).hexdigest()[:20]
         path = text_cache_dir() / f"{self._fingerprint()}-{names_hash}.pt"
         emb = None
