@@ -131,7 +131,7 @@ def test_text_embeddings_cached_on_disk(tmp_path, monkeypatch):
 
 
 def test_name_hash_class_embeddings_are_far_apart_and_the_same_in_every_model(tmp_path, monkeypatch):
-    """The tiny preset's stand-in for a trained text tower: distinct names get nearly orthogonal unit
+    """The tiny preset's stand-in for a trained text tower: distinct names get far-apart unit
     vectors (its random tower gives cosine 0.98+), a name gets one vector whatever model or process asks."""
     monkeypatch.setenv("EBSEG_CACHE_DIR", str(tmp_path))
     names = [f"class {i}" for i in range(12)]
