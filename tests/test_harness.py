@@ -136,6 +136,27 @@ def test_blob_colours_correlate_with_labels():
         assert int(np.argmin(dists)) == c, (c, dists)
 
 
+def test_hue_jitter_turns_each_blob_within_its_bound_and_keeps_the_labels():
+    """The jittered world has the same layout and truth; each blob's hue moves, never past the bound."""
+    import colorsys
+
+    rgb, label = blob_image(64, 80, seed=3, num_classes=4)
+    rgb_j, label_j = blob_image(64, 80, seed=3, num_classes=4, hue_jitter=0.1)
+    assert np.array_equal(label, label_j) and not np.array_equal(rgb, rgb_j)
+    assert np.array_equal(blob_image(64, 80, seed=3, num_classes=4, hue_jitter=0.0)[0], rgb)
+    def median_hue(img: np.ndarray, mask: np.ndarray) -> float:
+        return colorsys.rgb_to_hsv(*(np.median(img[mask].astype(np.float32), 0) / 255))[0]
+
+    turned = []
+    for c in set(np.unique(label).tolist()) - {IGNORE_INDEX}:
+        turn = (median_hue(rgb_j, label == c) - median_hue(rgb, label == c) + 0.5) % 1.0 - 0.5
+        assert abs(turn) <= 0.1 + 0.02, (c, turn)  # shading and noise move a median hue a little
+        turned.append(abs(turn))
+    assert max(turned) > 0.01
+    with pytest.raises(ValueError, match="hue_jitter"):
+        blob_image(8, 8, seed=0, hue_jitter=0.7)
+
+
 def test_write_blob_images_local_decodes(blob_corpus):
     assert len(blob_corpus.images) == 6
     assert [u.rsplit(".", 1)[1] for u in blob_corpus.images] == ["jpg", "png"] * 3

@@ -29,9 +29,10 @@ IGNORE_INDEX = 255
 DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((48, 64), (64, 48), (40, 40), (56, 72))
 
 
-def class_color(class_id: int) -> np.ndarray:
-    """A fixed, well separated RGB colour per class (golden-ratio hue walk), float in [0, 255]."""
-    hue = (class_id * 0.618033988749895) % 1.0
+def class_color(class_id: int, hue_turn: float = 0.0) -> np.ndarray:
+    """A fixed, well separated RGB colour per class (golden-ratio hue walk), float in [0, 255];
+    ``hue_turn`` moves its hue by that fraction of the circle."""
+    hue = (class_id * 0.618033988749895 + hue_turn) % 1.0
     sat = 0.85 if class_id % 2 == 0 else 0.6
     val = 0.95 if (class_id // 2) % 2 == 0 else 0.7
     return np.array(colorsys.hsv_to_rgb(hue, sat, val), dtype=np.float32) * 255.0
@@ -43,17 +44,24 @@ def blob_image(
     seed: int,
     num_classes: int = 4,
     ignore_boundary: bool = True,
+    hue_jitter: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic image and its label map.
 
     Returns ``(rgb, label)``: ``rgb`` uint8 ``[h, w, 3]``, ``label`` uint8 ``[h, w]`` with values in
     ``0..num_classes-1`` (plus 255 on class boundaries when ``ignore_boundary``). The background is one
     class; 2-6 elliptical blobs of other (random) classes lie on top. Deterministic in ``seed``.
+
+    ``hue_jitter``: each layer's colour turns by a uniform draw in ``±hue_jitter`` of the hue circle
+    (its own random stream, so 0 gives the same images as before): a world whose classes vary in look,
+    where a few labelled images need not show every look of a class.
     """
     if not 1 <= num_classes <= 255:
         raise ValueError(f"num_classes must be in 1..255, got {num_classes}")
     if h < 4 or w < 4:
         raise ValueError(f"image too small: {h}x{w} (need at least 4x4)")
+    if not 0.0 <= hue_jitter <= 0.5:
+        raise ValueError(f"hue_jitter must be in [0, 0.5] (a fraction of the hue circle), got {hue_jitter}")
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     n_blobs = int(rng.integers(2, 7))
@@ -73,7 +81,8 @@ def blob_image(
     # Colour: soft blend of the class colours (smooth edges), a gentle shading, a little noise.
     weights = np.exp((stack - stack.max(0, keepdims=True)) * 12.0)
     weights /= weights.sum(0, keepdims=True)
-    palette = np.stack([class_color(c) for c in classes])  # [L, 3]
+    turns = np.random.default_rng([seed, 1]).uniform(-hue_jitter, hue_jitter, len(classes))
+    palette = np.stack([class_color(c, float(t)) for c, t in zip(classes, turns)])  # [L, 3]
     rgb = np.einsum("lhw,lc->hwc", weights, palette)
     shade = 0.85 + 0.15 * np.sin(xx / w * np.pi * rng.uniform(0.5, 2.0) + rng.uniform(0, 6.28))
     rgb = rgb * shade[..., None] + rng.normal(0.0, 3.0, size=rgb.shape)
