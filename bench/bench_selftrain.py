@@ -15,6 +15,10 @@ training job skips them in label Parquet):
   recipe   the most confident half of the lake's pseudo-labels + the labelled images' truth
   control  the labelled images alone
   all_lake every lake image's pseudo-labels + the labelled truth (what image selection adds)
+  class_balanced  every lake image, each predicted class's most confident ``--most-confident`` fraction
+           of pixels (the rest unknown) + the labelled truth
+  oracle   every lake image with its hidden truth + the labelled truth: what the lake's images are worth
+           with perfect labels, the ceiling of any pseudo-labelling
 
 Usage:  python -m bench.bench_selftrain --seeds 0 1 2      (one process per seed runs them in parallel)
 """
@@ -43,16 +47,25 @@ from pipeline.selftrain import BLOB_CONFIG, CLASS_NAMES, WORLD_SIZES, SelfTrainC
 from pipeline.train import build_training_model, load_config  # noqa: E402
 
 K = len(CLASS_NAMES)
-VARIANTS = ("recipe", "control", "all_lake")
+VARIANTS = ("recipe", "control", "all_lake", "class_balanced", "oracle")
 VOCAB = Vocabulary.parse(",".join(CLASS_NAMES))
+
+
+LOOKS = ("same", "dark", "hue-shift")
+HUE_JITTER = {"labelled": 0.02, "lake": 0.1}  # --look hue-shift: fraction of the hue circle each blob turns
 
 
 def world(seed: int, n: int, offset: int, look: str = "same") -> list[tuple[np.ndarray, np.ndarray]]:
     """The images ``pipeline.selftrain.write_world`` writes for this seed and set (0 labelled, 1 lake, 2 held
-    out); ``look="dark"``: another camera at dusk (x0.55 and noise of sd 12 levels), for the lake's case."""
+    out), in the lake's ``look`` (the labelled set's is always near "same"):
+    ``dark``: another camera at dusk (x0.55 and noise of sd 12 levels);
+    ``hue-shift``: each blob's hue turns by up to ±0.1 of the circle, where the labelled images' turn by up to
+    ±0.02: the lake shows looks of each class the labelled images barely do."""
     base = seed * 100_000 + offset * 10_000
-    items = [blob_image(*WORLD_SIZES[i % len(WORLD_SIZES)], base + i, num_classes=K) for i in range(n)]
-    if look == "dark":
+    jitter = HUE_JITTER["labelled" if offset == 0 else "lake"] if look == "hue-shift" else 0.0
+    items = [blob_image(*WORLD_SIZES[i % len(WORLD_SIZES)], base + i, num_classes=K, hue_jitter=jitter)
+             for i in range(n)]
+    if look == "dark" and offset != 0:
         rng = np.random.default_rng(base)
         items = [(np.clip(im * 0.55 + rng.normal(0, 12, im.shape), 0, 255).astype(np.uint8), lab) for im, lab in items]
     return items
@@ -104,6 +117,31 @@ def label(model, items, tta_sizes: tuple[int, ...] = ()) -> list[tuple[np.ndarra
     return [(r.label_map.numpy(), r.confidence.numpy().astype(np.float16).astype(np.float32)) for r in res]
 
 
+def class_balanced(pseudo, images, keep: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Class-balanced selection (CBST, Zou et al. 2018): per predicted class, the most confident ``keep``
+    fraction of its pixels stay, the rest are unknown; a class the teacher over-predicts cannot crowd out
+    one it under-predicts, as one global threshold lets it."""
+    labels = np.concatenate([lab.ravel() for lab, _ in pseudo])
+    confs = np.concatenate([conf.ravel() for _, conf in pseudo])
+    floor = np.ones(K, dtype=np.float32)
+    for c in range(K):
+        if (labels == c).any():
+            floor[c] = np.quantile(confs[labels == c], 1.0 - keep)
+    return [(image, np.where(conf < floor[lab], 255, lab).astype(np.uint8))
+            for image, (lab, conf) in zip(images, pseudo)]
+
+
+def confidence_ranking(pseudo, items) -> dict[str, float]:
+    """How right the lake's pseudo-labelled pixels are (%), all of them and the most confident 50% and 30%:
+    whether confidence can pick out the pixels worth learning from."""
+    truth = np.concatenate([t.ravel() for _, t in items])
+    valid = truth != 255
+    right = (np.concatenate([lab.ravel() for lab, _ in pseudo]) == truth)[valid]
+    order = np.argsort(-np.concatenate([conf.ravel() for _, conf in pseudo])[valid], kind="stable")
+    top = {f"lake_acc_top{p}": 100.0 * float(right[order[: max(1, len(order) * p // 100)]].mean()) for p in (50, 30)}
+    return {"lake_acc": 100.0 * float(right.mean()), **top}
+
+
 def miou(preds, items) -> float:
     ev = SemSegEvaluator(K, 255)
     for (lab, _), (_, truth) in zip(preds, items):
@@ -113,7 +151,7 @@ def miou(preds, items) -> float:
 
 def run_seed(seed: int, cfg: SelfTrainConfig, log=print, variants=VARIANTS, look: str = "same",
              teacher_tta: tuple[int, ...] = ()) -> dict:
-    labelled = world(seed, cfg.labelled, 0)
+    labelled = world(seed, cfg.labelled, 0, look)
     lake, held = world(seed, cfg.lake, 1, look), world(seed, cfg.held_out, 2, look)
     t0 = time.perf_counter()
     base_lr = load_config(BLOB_CONFIG, list(cfg.overrides)).solver.base_lr
@@ -124,15 +162,19 @@ def run_seed(seed: int, cfg: SelfTrainConfig, log=print, variants=VARIANTS, look
     order = np.argsort([-conf.mean() for _, conf in pseudo], kind="stable")
     top = order[: int(np.ceil(cfg.most_confident * len(order)))]  # most confident first
     out["lake_kept"] = miou([pseudo[i] for i in top], [lake[i] for i in top])
+    out.update(confidence_ranking(pseudo, lake))
     rows = []
     for image, (lab, conf) in zip((im for im, _ in lake), pseudo):
         lab = lab.astype(np.uint8)
         if cfg.min_pixel_confidence is not None:  # unknown pixels, skipped by the losses as in the training job
             lab = np.where(conf < cfg.min_pixel_confidence, 255, lab).astype(np.uint8)
         rows.append((image, lab))
-    runs = {"recipe": [rows[i] for i in top] + labelled, "control": labelled, "all_lake": rows + labelled}
+    runs = {"recipe": [rows[i] for i in top] + labelled, "control": labelled, "all_lake": rows + labelled,
+            "class_balanced": class_balanced(pseudo, [im for im, _ in lake], cfg.most_confident) + labelled,
+            "oracle": lake + labelled}
     log(f"seed {seed}: base {out['before']:.1f}, pseudo-labels {out['lake']:.1f} (kept {out['lake_kept']:.1f}); "
-        f"{time.perf_counter() - t0:.0f} s")
+        f"pixels right: all {out['lake_acc']:.1f}%, most confident half {out['lake_acc_top50']:.1f}%, "
+        f"most confident 30% {out['lake_acc_top30']:.1f}%; {time.perf_counter() - t0:.0f} s")
     for name in variants:
         tuned = train(runs[name], cfg.finetune_iters, cfg.finetune_lr, seed + 1, init=state,
                       ignore_is_unknown=name != "control", overrides=cfg.overrides)
@@ -146,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--labelled", type=int, default=SelfTrainConfig.labelled, help="images with truth")
     p.add_argument("--lake", type=int, default=SelfTrainConfig.lake, help="unlabelled images to pseudo-label")
+    p.add_argument("--held-out", type=int, default=SelfTrainConfig.held_out,
+                   help="images scored before and after (more: less noise from a few blobs, slower)")
     p.add_argument("--base-iters", type=int, default=SelfTrainConfig.base_iters)
     p.add_argument("--finetune-iters", type=int, default=SelfTrainConfig.finetune_iters)
     p.add_argument("--finetune-lr", type=float, default=SelfTrainConfig.finetune_lr)
@@ -155,25 +199,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="more configs/tiny_blobs.yaml overrides for every run, e.g. augment.color_aug=false")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--look", choices=("same", "dark"), default="same",
-                   help="the lake's and held-out images' look: 'dark' = another camera at dusk (labelled: same)")
+    p.add_argument("--look", choices=LOOKS, default="same",
+                   help="the lake's and held-out images' look: 'dark' = another camera at dusk; 'hue-shift' = each "
+                        "blob's hue turns by up to 0.1 of the circle, the labelled images' by up to 0.02")
     p.add_argument("--teacher-tta", default="", metavar="SIZES",
                    help="pseudo-label the lake with test-time augmentation at these shorter sides, e.g. 48,64,96,128")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = SelfTrainConfig("", labelled=args.labelled, lake=args.lake, base_iters=args.base_iters,
+    cfg = SelfTrainConfig("", labelled=args.labelled, lake=args.lake, held_out=args.held_out,
+                          base_iters=args.base_iters,
                           finetune_iters=args.finetune_iters, finetune_lr=args.finetune_lr,
                           most_confident=args.most_confident, min_pixel_confidence=args.min_pixel_confidence,
                           overrides=tuple(args.set))
     tta = tuple(int(x) for x in args.teacher_tta.split(",") if x)
     results = [run_seed(s, cfg, variants=args.variants, look=args.look, teacher_tta=tta) for s in args.seeds]
-    print("seed  before  recipe  control  all_lake  recipe-control")
+    print("seed  before  " + "  ".join(VARIANTS) + "  recipe-control")
     for r in results:
-        cells = [f"{r[v]:.1f}" if v in r else "-" for v in VARIANTS]
+        cells = "  ".join(f"{r[v]:.1f}".rjust(len(v)) if v in r else "-".rjust(len(v)) for v in VARIANTS)
         gain = f"{r['recipe'] - r['control']:+14.1f}" if "recipe" in r and "control" in r else ""
-        print(f"{r['seed']:>4}  {r['before']:6.1f}  {cells[0]:>6}  {cells[1]:>7}  {cells[2]:>8}  {gain}")
+        print(f"{r['seed']:>4}  {r['before']:6.1f}  {cells}  {gain}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from pipeline.selftrain import score_labels
@@ -120,16 +121,52 @@ def test_truth_rows_read_back_as_the_truth(tmp_path):
 def test_bench_selftrain_runs_on_the_training_jobs_pieces(tmp_path, capsys):
     """The in-process comparison builds on the training job's pieces; a rename there must fail here,
     not in the next person's measurement (it once imported a loss class that no longer existed). One
-    iteration each, on a dark lake pseudo-labelled with test-time augmentation."""
+    iteration each (all_lake is recipe's path with more rows), on a hue-shifted lake pseudo-labelled with
+    test-time augmentation."""
     from bench import bench_selftrain
 
     out = tmp_path / "r.json"
-    assert bench_selftrain.main(["--seeds", "0", "--labelled", "2", "--lake", "2", "--base-iters", "1",
-                                 "--finetune-iters", "1", "--variants", "recipe", "control", "--look", "dark",
+    assert bench_selftrain.main(["--seeds", "0", "--labelled", "2", "--lake", "2", "--held-out", "2", "--base-iters", "1",
+                                 "--finetune-iters", "1", "--look", "hue-shift",
+                                 "--variants", "recipe", "control", "class_balanced", "oracle",
                                  "--teacher-tta", "48,64", "--min-pixel-confidence", "0.5",
                                  "--json", str(out)]) == 0
     (result,) = json.loads(out.read_text())
-    assert set(result) == {"seed", "before", "lake", "lake_kept", "recipe", "control"}
-    assert all(0 <= result[k] <= 100 for k in ("before", "lake", "recipe", "control"))
+    variants = ("recipe", "control", "class_balanced", "oracle")
+    measured = ("before", "lake", "lake_kept", "lake_acc", "lake_acc_top50", "lake_acc_top30", *variants)
+    assert set(result) == {"seed", *measured}
+    assert all(0 <= result[k] <= 100 for k in measured)
     table = capsys.readouterr().out.splitlines()
     assert table[-1].split()[:2] == ["0", f"{result['before']:.1f}"] and table[-1].split()[-1].startswith(("+", "-"))
+
+
+def test_class_balanced_selection_keeps_each_predicted_class_share():
+    """Class-balanced selection keeps the most confident part of every predicted class, where one global
+    threshold would drop the class the teacher is unsure of altogether."""
+    from bench.bench_selftrain import class_balanced
+
+    rng = np.random.default_rng(0)
+    label = np.tile(np.array([0, 1], dtype=np.int64), (10, 5))  # columns of class 0 and 1 alternate
+    conf = np.where(label == 0, rng.uniform(0.9, 1.0, label.shape), rng.uniform(0.3, 0.6, label.shape))
+    image = np.zeros((10, 10, 3), np.uint8)
+    ((_, kept),) = class_balanced([(label, conf.astype(np.float32))], [image], keep=0.5)
+    for c in (0, 1):
+        mine = label == c
+        assert (kept[mine] == c).sum() == 25 and (kept[mine] == 255).sum() == 25
+        assert conf[mine & (kept == c)].min() >= conf[mine & (kept == 255)].max()  # the confident half stays
+
+
+def test_confidence_ranking_scores_the_most_confident_pixels():
+    """The bench's calibration figures: the share of right pixels among all and among the most confident."""
+    from bench.bench_selftrain import confidence_ranking
+
+    truth = np.zeros((10, 10), np.uint8)
+    truth[0, :] = 255  # ignored pixels count nowhere
+    pred = np.zeros((10, 10), np.int64)
+    pred[5:] = 1  # rows 5-9 wrong
+    conf = np.where(pred == 0, 0.9, 0.95).astype(np.float32)
+    conf[1:3] = 0.99  # rows 1-2: right and the most confident
+    figures = confidence_ranking([(pred, conf)], [(None, truth)])
+    assert figures["lake_acc"] == pytest.approx(100 * 40 / 90)
+    assert figures["lake_acc_top30"] == pytest.approx(100 * 20 / 27)  # rows 1-2, then 7 of the wrong rows
+    assert figures["lake_acc_top50"] == pytest.approx(100 * 20 / 45)
