@@ -106,7 +106,8 @@ def train(items, iters: int, lr: float, seed: int, init: dict | None = None,
 
 
 def label(model, items, tta_sizes: tuple[int, ...] = ()) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(label map, confidence) per image; the confidence rounded to float16 as label Parquet stores it.
+    """(label map, confidence) per image; the confidence rounded to float16 (label Parquet keeps 1/255
+    steps, ``confidence_png``: the two differ only for pixels within 1/255 of a threshold).
     ``tta_sizes``: average the scores over these scales and their flips (``ebseg_core.tta``)."""
     with torch.no_grad():
         if tta_sizes:
