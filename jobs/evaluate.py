@@ -33,7 +33,8 @@ examples:
   ebseg evaluate --labels s3://lake/labels/ade/ --dataset ade150 --root ./datasets --out ./eval-labels
 
   # score pseudo-labels against your own labeled images (the training layout: images/, labels/ and
-  # class_names.txt, whose classes must be the labels' vocabulary)
+  # class_names.txt, whose classes must be the labels' vocabulary); it also prints how right the label
+  # pixels are at or above each confidence: what a fine-tune's min_pixel_confidence would keep
   ebseg evaluate --labels s3://lake/labels/ --dataset generic --root s3://lake/checked/
 
   # on a Ray cluster

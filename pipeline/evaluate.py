@@ -6,7 +6,8 @@ benchmark -> per image a sparse confusion matrix -> summed on the driver into on
 ``SemSegEvaluator`` per benchmark (a sum, so the result does not depend on how the work was split)
 -> table printed and written as JSON/CSV.
 
-``evaluate_labels`` scores a label Parquet (``pipeline/schema.py``) against a benchmark instead.
+``evaluate_labels`` scores a label Parquet (``pipeline/schema.py``) against a benchmark instead, and
+says how right its pixels are at each stored confidence (``ConfidenceTally``).
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ class DatasetResult:
     num_images: int
     seconds: float
     errors: list[str] = field(default_factory=list)
+    # label Parquet only: ConfidenceTally.table(), how right the pixels are at or above each confidence
+    confidence: list[dict] | None = None
 
 
 @dataclass
@@ -358,6 +361,16 @@ def format_table(report: EvalReport) -> list[str]:
     return lines
 
 
+def format_confidence(r: DatasetResult) -> list[str]:
+    """The pixels a ``min_pixel_confidence`` keeps (share of the pixels with truth) and how right they are."""
+    lines = [f"{r.name}: label pixels by confidence (what a min_pixel_confidence keeps)",
+             "  confidence >=   pixels    right"]
+    for row in r.confidence or []:
+        share, right = _fmt(row["pixel_share"]), _fmt(row["pixel_accuracy"])
+        lines.append(f"  {row['min_confidence']:13.2f}   {share:>5}%   {right:>5}%")
+    return lines
+
+
 def _nan_to_none(x):
     return None if isinstance(x, float) and math.isnan(x) else x
 
@@ -373,6 +386,8 @@ def save_report(report: EvalReport, out: str) -> list[str]:
                   _nan_to_none(val)) for k, val in r.metrics.items()}
         datasets[r.name] = {**mt, "errors": r.errors, "model_seconds": r.seconds,
                             "detectron2": {k: _nan_to_none(v) for k, v in detectron2_style(r.metrics).items()}}
+        if r.confidence is not None:
+            datasets[r.name]["confidence"] = [{k: _nan_to_none(v) for k, v in row.items()} for row in r.confidence]
     written.append(write_bytes_atomic(join(out, "results.json"), json.dumps(doc, indent=1).encode()))
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -408,6 +423,38 @@ def _stem(uri: str) -> str:
 
 
 GENERIC = "generic"  # --labels against a folder in the training layout: images/, labels/, class_names.txt
+CONFIDENCE_FLOORS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99)
+
+
+class ConfidenceTally:
+    """Pixels with truth counted by their stored confidence level (``confidence_png``'s 8 bits) and by
+    whether their label is right. Why: choosing ``min_pixel_confidence`` for a fine-tune needs to know what
+    each threshold keeps and how right that is, on images someone checked; a threshold can only help
+    where the confident pixels are the right ones."""
+
+    def __init__(self, ignore_label: int):
+        self.ignore_label = ignore_label
+        self.pixels = np.zeros(256, np.int64)
+        self.right = np.zeros(256, np.int64)
+
+    def add(self, pred: np.ndarray, levels: np.ndarray, truth: np.ndarray) -> None:
+        """``levels``: uint8 confidence levels (confidence x 255), the shape of ``pred`` and ``truth``."""
+        valid = truth != self.ignore_label
+        lv = levels[valid]
+        self.pixels += np.bincount(lv, minlength=256)
+        self.right += np.bincount(lv[pred[valid] == truth[valid]], minlength=256)
+
+    def table(self, floors: tuple[float, ...] = CONFIDENCE_FLOORS) -> list[dict]:
+        """Per floor: the share (%) of pixels whose stored confidence is at or above it, and the share of
+        those that are right (%, nan where none is)."""
+        total = int(self.pixels.sum())
+        rows = []
+        for floor in floors:
+            first = int(math.ceil(floor * 255 - 1e-6))  # the lowest level whose level / 255 reaches the floor
+            n, right = int(self.pixels[first:].sum()), int(self.right[first:].sum())
+            rows.append({"min_confidence": floor, "pixel_share": 100.0 * n / total if total else math.nan,
+                         "pixel_accuracy": 100.0 * right / n if n else math.nan})
+        return rows
 
 
 def _generic_truth(root: str, class_names_file: str | None, label_names: list[str]) -> tuple[list[Pair], list[str]]:
@@ -439,7 +486,7 @@ def evaluate_labels(labels_url: str, dataset: str, root: str, out: str | None = 
     """
     import pyarrow.dataset as pads
 
-    from pipeline.schema import decode_label_png, list_parquet_files, read_metadata
+    from pipeline.schema import decode_confidence_png, decode_label_png, list_parquet_files, read_metadata
 
     try:
         files, fs = list_parquet_files(labels_url)
@@ -463,13 +510,14 @@ def evaluate_labels(labels_url: str, dataset: str, root: str, out: str | None = 
             f"class list ({len(names)} classes, first {names[:3]}); label with {hint}")
     by_stem = {_stem(p.image_uri): p for p in pairs}
     ev = SemSegEvaluator(len(names), ignore_label, names)
+    tally = ConfidenceTally(ignore_label)
     errors: list[str] = []
     seen: set[str] = set()
     t0 = time.perf_counter()
     dset = pads.dataset(files, format="parquet", filesystem=fs)
-    for rb in dset.to_batches(columns=["uri", "status", "label_png"], batch_size=64):
+    for rb in dset.to_batches(columns=["uri", "status", "label_png", "confidence_png"], batch_size=64):
         d = rb.to_pydict()
-        for uri, status, png in zip(d["uri"], d["status"], d["label_png"]):
+        for uri, status, png, conf_png in zip(d["uri"], d["status"], d["label_png"], d["confidence_png"]):
             pair = by_stem.get(_stem(uri))
             if pair is None or pair.key in seen:
                 continue
@@ -481,15 +529,18 @@ def evaluate_labels(labels_url: str, dataset: str, root: str, out: str | None = 
                 pred = decode_label_png(png).astype(np.int64)
                 gt = read_label(pair.label_uri)
                 ev.process(pred, gt)
+                if conf_png is not None:
+                    tally.add(pred, decode_confidence_png(conf_png, as_float=False), gt)
             except Exception as e:
                 errors.append(f"{uri}: {type(e).__name__}: {e}")
     missing = [p.image_uri for p in pairs if p.key not in seen]
     errors += [f"{u}: no label row for this image" for u in missing]
     wall = time.perf_counter() - t0
-    res = DatasetResult(name, ev.compute(), ev.num_images, wall, errors)
+    res = DatasetResult(name, ev.compute(), ev.num_images, wall, errors,
+                        confidence=tally.table() if tally.pixels.any() else None)
     report = EvalReport([res], {"predictor": "labels", "labels": labels_url, "tta": False}, wall,
                         ev.num_images / wall if wall > 0 else 0.0)
-    for line in format_table(report):
+    for line in format_table(report) + (format_confidence(res) if res.confidence else []):
         log(line)
     if out:
         for url in save_report(report, out):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -173,3 +174,42 @@ def test_evaluate_labels_against_a_generic_folder(tmp_path):
     (root / "class_names.txt").write_text("road\nsky\ntree\n")
     with pytest.raises(EvaluateError, match="not .*class list"):
         evaluate_labels(str(tmp_path / "labels.parquet"), "generic", str(root), log=lambda s: None)
+
+
+def test_evaluate_labels_says_how_right_the_pixels_are_at_each_confidence(tmp_path):
+    """`ebseg evaluate --labels` tells what a min_pixel_confidence keeps and how right that is: right pixels
+    stored at 0.9, wrong ones at 0.6, ignored truth pixels counted nowhere."""
+    from pipeline.schema import label_schema, make_ok_row, rows_to_table
+
+    rng = np.random.default_rng(5)
+    names = ["wall", "sky", "tree"]
+    root = tmp_path / "truth"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "class_names.txt").write_text("\n".join(names) + "\n")
+    rows, right, valid = [], 0, 0
+    for i in range(2):
+        truth = rng.integers(0, 3, (12, 16)).astype(np.uint8)
+        truth[:2] = 255
+        Image.fromarray(truth).save(root / "labels" / f"p{i}.png")
+        Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).save(root / "images" / f"p{i}.jpg")
+        wrong = rng.random(truth.shape) < 0.25
+        pred = np.where(wrong, (truth.astype(np.int64) + 1) % 3, truth).astype(np.int64)
+        pred[truth == 255] = 0
+        conf = np.where(wrong, 0.6, 0.9).astype(np.float32)
+        rows.append(make_ok_row(f"s3://lake/x/p{i}.jpg", pred, conf, names))
+        ok = (pred == truth) & (truth != 255)
+        right, valid = right + int(ok.sum()), valid + int((truth != 255).sum())
+    pq.write_table(rows_to_table(rows, label_schema(names)), tmp_path / "labels.parquet")
+    printed: list[str] = []
+    rep = evaluate_labels(str(tmp_path / "labels.parquet"), "generic", str(root), out=str(tmp_path / "o"),
+                          log=printed.append)
+    table = {row["min_confidence"]: row for row in rep.results[0].confidence}
+    assert table[0.0]["pixel_share"] == 100 and table[0.0]["pixel_accuracy"] == pytest.approx(100 * right / valid)
+    assert {**table[0.5], "min_confidence": 0.0} == table[0.0]  # every pixel is at 0.6 or above
+    assert table[0.8]["pixel_share"] == pytest.approx(100 * right / valid) and table[0.8]["pixel_accuracy"] == 100
+    assert table[0.9]["pixel_share"] == pytest.approx(100 * right / valid)  # 0.9 stored as level 230 reaches 0.9
+    assert table[0.95]["pixel_share"] == 0 and math.isnan(table[0.95]["pixel_accuracy"])
+    assert any(line.split() == ["0.80", f"{100 * right / valid:.1f}%", "100.0%"] for line in printed), printed
+    saved = json.loads((tmp_path / "o/results.json").read_text())["datasets"]["generic"]["confidence"]
+    assert saved[-1] == {"min_confidence": 0.99, "pixel_share": 0.0, "pixel_accuracy": None}
