@@ -146,6 +146,14 @@ def test_missing_label_rows_count_as_failures(tmp_path):
     assert any("im002.jpg: no label row" in e for e in rep.results[0].errors)
 
 
+def _truth_folder(root, names):
+    """An empty folder in the training layout (images/, labels/, class_names.txt)."""
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "class_names.txt").write_text("\n".join(names) + "\n")
+    return root
+
+
 def test_evaluate_labels_against_a_generic_folder(tmp_path):
     """`--dataset generic`: the truth is a folder in the training layout (images/, labels/, class_names.txt)."""
     from ebseg_core.evaluation import SemSegEvaluator
@@ -153,10 +161,7 @@ def test_evaluate_labels_against_a_generic_folder(tmp_path):
 
     rng = np.random.default_rng(3)
     names = ["wall", "sky", "tree"]
-    root = tmp_path / "truth"
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    (root / "class_names.txt").write_text("\n".join(names) + "\n")
+    root = _truth_folder(tmp_path / "truth", names)
     rows, ev = [], SemSegEvaluator(3)
     for i in range(3):
         truth = rng.integers(0, 3, (10, 14)).astype(np.uint8)
@@ -183,10 +188,7 @@ def test_evaluate_labels_says_how_right_the_pixels_are_at_each_confidence(tmp_pa
 
     rng = np.random.default_rng(5)
     names = ["wall", "sky", "tree"]
-    root = tmp_path / "truth"
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    (root / "class_names.txt").write_text("\n".join(names) + "\n")
+    root = _truth_folder(tmp_path / "truth", names)
     rows, right, valid = [], 0, 0
     for i in range(2):
         truth = rng.integers(0, 3, (12, 16)).astype(np.uint8)
